@@ -1,0 +1,241 @@
+"""Decode, check, resize, pad or crop, and re-encode one image, with img2dataset's geometry.
+
+The output geometry is planned from the header's dimensions before anything is decoded, which lets
+the processor refuse oversized or filtered images for free and let libjpeg decode large JPEGs at 1/2,
+1/4 or 1/8 scale. Everything here runs in OpenCV calls that release the GIL, so several threads
+process images in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import exifread
+import numpy as np
+import numpy.typing as npt
+
+from .probe import ImageHeader, probe
+from .settings import ImageSettings
+
+# exifread logs a warning for every file without EXIF; img2dataset silences it the same way.
+logging.getLogger("exifread").setLevel(logging.CRITICAL)
+
+Image = npt.NDArray[Any]  # 8-bit gray (h, w) or BGR (h, w, 3) once decoded
+
+INTERPOLATION_FLAGS = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "bilinear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "lanczos4": cv2.INTER_LANCZOS4,
+}
+ENCODERS = {
+    "jpg": (".jpg", cv2.IMWRITE_JPEG_QUALITY),
+    "png": (".png", cv2.IMWRITE_PNG_COMPRESSION),
+    "webp": (".webp", cv2.IMWRITE_WEBP_QUALITY),
+}
+_REDUCED_FLAGS = {
+    (1, False): cv2.IMREAD_COLOR,
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+    (1, True): cv2.IMREAD_GRAYSCALE,
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+WHITE = (255, 255, 255, 255)
+
+
+class ImageError(Exception):
+    """The image cannot be used; the message is the sample's error message (``failed_to_resize``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Geometry:
+    """What to do to an image of a given size: resize to ``size`` (w, h), then pad or crop."""
+
+    size: tuple[int, int] | None
+    interpolation: int
+    pad: tuple[int, int, int, int] | None  # top, bottom, left, right
+    crop: tuple[int, int, int] | None  # x, y, side
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        if self.crop is not None:
+            return self.crop[2], self.crop[2]
+        return self.size
+
+
+def plan(width: int, height: int, s: ImageSettings) -> Geometry:
+    """img2dataset's resize geometry (albumentations' Smallest/LongestMaxSize, PadIfNeeded, CenterCrop)."""
+    side = s.image_size
+    down, up = INTERPOLATION_FLAGS[s.downscale_interpolation], INTERPOLATION_FLAGS[s.upscale_interpolation]
+    mode = s.resize_mode
+    if mode == "no":
+        return Geometry(None, down, None, None)
+    reference = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
+    downscale = reference > side
+    if s.resize_only_if_bigger and not downscale:
+        return Geometry(None, down, None, None)
+    scale = side / reference
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    size = None if (new_w, new_h) == (width, height) else (new_w, new_h)
+    w, h = size or (width, height)
+    pad = crop = None
+    if mode == "border":
+        top, left = max(0, side - h) // 2, max(0, side - w) // 2
+        pad = (top, max(0, side - h) - top, left, max(0, side - w) - left)
+    elif mode == "center_crop":
+        crop = ((w - side) // 2, (h - side) // 2, side)
+    return Geometry(size, down if downscale else up, pad, crop)
+
+
+def jpeg_reduction(header: ImageHeader, geometry: Geometry, s: ImageSettings) -> int:
+    """The largest libjpeg scale-down (8, 4, 2 or 1) that still leaves at least the target size."""
+    if not s.reduced_jpeg_decode or header.format != "jpeg" or geometry.size is None:
+        return 1
+    target_w, target_h = geometry.size
+    for factor in (8, 4, 2):
+        if math.ceil(header.width / factor) >= target_w and math.ceil(header.height / factor) >= target_h:
+            return factor
+    return 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessedImage:
+    data: bytes
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+
+class ImageProcessor:
+    """Turns downloaded bytes into the encoded output image, or raises ImageError."""
+
+    def __init__(self, settings: ImageSettings) -> None:
+        self.settings = settings
+        ext, flag = ENCODERS[settings.encode_format]
+        self._ext = ext
+        self._params = [int(flag), settings.encode_quality]
+
+    def process(self, raw: bytes, header: ImageHeader | None = None) -> ProcessedImage:
+        s = self.settings
+        header = header if header is not None else probe(raw)
+        if header is not None:
+            self._check(header.width, header.height)
+            geometry = plan(header.width, header.height, s)
+            img = self._decode(raw, header, geometry)
+            original = (header.width, header.height)
+        else:
+            # Unknown or malformed header: let OpenCV try (its own pixel limit still applies).
+            img = self._decode_unchanged(raw)
+            original = (img.shape[1], img.shape[0])
+            self._check(*original)
+            geometry = plan(*original, s)
+        img = self._apply(img, geometry)
+        ok, encoded = cv2.imencode(self._ext, img, self._params)
+        if not ok:
+            raise ImageError("Image encoding error")
+        return ProcessedImage(encoded.tobytes(), img.shape[1], img.shape[0], *original)
+
+    def _check(self, width: int, height: int) -> None:
+        s = self.settings
+        if width * height > s.max_decoded_pixels:
+            raise ImageError(
+                f"image of {width}x{height} pixels is over the max_decoded_pixels limit "
+                f"({s.max_decoded_pixels})"
+            )
+        # img2dataset's filters and messages, applied before decoding.
+        if min(width, height) < s.min_image_size:
+            raise ImageError("image too small")
+        if width * height > s.max_image_area:
+            raise ImageError("image area too large")
+        if max(width, height) / min(width, height) > s.max_aspect_ratio:
+            raise ImageError("aspect ratio too large")
+
+    def _decode(self, raw: bytes, header: ImageHeader, geometry: Geometry) -> Image:
+        if header.format != "jpeg":
+            return self._decode_unchanged(raw)
+        factor = jpeg_reduction(header, geometry, self.settings)
+        # EXIF orientation is ignored, as img2dataset's IMREAD_UNCHANGED decode does.
+        flags = _REDUCED_FLAGS[(factor, header.channels == 1)] | cv2.IMREAD_IGNORE_ORIENTATION
+        img = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
+        if img is None:
+            raise ImageError("Image decoding error")
+        return img
+
+    def _decode_unchanged(self, raw: bytes) -> Image:
+        try:
+            img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error as err:  # OpenCV's own pixel limit and codec errors
+            raise ImageError(f"Image decoding error: {err.err}") from None
+        if img is None or img.size == 0:
+            raise ImageError("Image decoding error")
+        return _as_8bit_without_alpha(img)
+
+    @staticmethod
+    def _apply(img: Image, geometry: Geometry) -> Image:
+        if geometry.size is not None and (img.shape[1], img.shape[0]) != geometry.size:
+            img = cv2.resize(img, geometry.size, interpolation=geometry.interpolation)
+        if geometry.pad is not None and any(geometry.pad):
+            img = cv2.copyMakeBorder(img, *geometry.pad, cv2.BORDER_CONSTANT, value=WHITE)
+        if geometry.crop is not None:
+            x, y, side = geometry.crop
+            img = img[y : y + side, x : x + side]
+        return img
+
+
+def _as_8bit_without_alpha(img: Image) -> Image:
+    """8-bit gray or BGR: deeper samples scaled down, alpha composited on white."""
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype in (np.float32, np.float64):
+        img = np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageError(f"unsupported pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] in (2, 4):
+        img = _composite_on_white(img[..., :-1], img[..., -1])
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    return img
+
+
+def _composite_on_white(color: Image, alpha: Image) -> Image:
+    """``color * a + 255 * (1 - a)`` with a = alpha / 255, computed as 255 - (255 - color) * a in
+    uint8 OpenCV arithmetic (SIMD, GIL released); img2dataset does the same in float64 numpy."""
+    channels = color.shape[2]
+    alphas = cv2.merge([alpha] * channels) if channels > 1 else alpha[..., None]
+    inverse = cv2.bitwise_not(np.ascontiguousarray(color))
+    shaded = cv2.multiply(inverse, alphas, scale=1 / 255)
+    out = cv2.bitwise_not(shaded)
+    return out if channels > 1 else out[..., 0]
+
+
+def exif_json(raw: bytes, header: ImageHeader | None) -> str | None:
+    """EXIF tags as img2dataset stores them: JSON of tag name -> stripped string, or None if the
+    EXIF block cannot be parsed. Files with no EXIF block skip the (pure Python) parser."""
+    if header is not None and not header.has_exif:
+        return "{}"
+    try:
+        tags = exifread.process_file(io.BytesIO(raw), details=False)
+    # The parser reads untrusted bytes and raises anything from IndexError to struct.error; a bad
+    # EXIF block must not fail the sample, so it is recorded as absent, as img2dataset does.
+    except Exception:
+        return None
+    return json.dumps({k: str(v).strip() for k, v in tags.items() if v is not None})
+
+
+def digest(raw: bytes, hash_type: str) -> str:
+    return hashlib.new(hash_type, raw).hexdigest()

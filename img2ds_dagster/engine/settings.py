@@ -1,0 +1,223 @@
+"""Typed download settings, one frozen dataclass per stage, with img2dataset 1.47's defaults.
+
+A table's settings are fixed when the table is staged and saved next to its shards as JSON, so every
+shard of a table (and every retry or backfill of it) is built with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+HASH_TYPES = ("md5", "sha256", "sha512")
+DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+# Column names img2dataset reserves for its own metadata.
+RESERVED_COLUMNS = frozenset(
+    {"key", "caption", "url", "width", "height", "original_width", "original_height"}
+    | {"status", "error_message", "exif", *HASH_TYPES}
+)
+
+
+def _require(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """How a URL file is read and cut into shards."""
+
+    input_format: str | None = None  # None: taken from the file's extension
+    url_col: str = "url"
+    caption_col: str | None = None
+    save_additional_columns: tuple[str, ...] = ()
+    number_sample_per_shard: int = 10000
+
+    def __post_init__(self) -> None:
+        _require(self.number_sample_per_shard >= 1, "number_sample_per_shard", "must be at least 1")
+        _require(bool(self.url_col), "url_col", "must be a column name")
+        reserved = sorted(RESERVED_COLUMNS.intersection(self.save_additional_columns))
+        _require(
+            not reserved,
+            "save_additional_columns",
+            f"{reserved} are written by the downloader itself and cannot be copied from the input",
+        )
+
+    @property
+    def input_columns(self) -> list[str]:
+        """Source column names to read, in img2dataset's metadata order: extras, caption, url."""
+        names = [*self.save_additional_columns]
+        if self.caption_col is not None:
+            names.append(self.caption_col)
+        return [*names, self.url_col]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSettings:
+    """How one URL is downloaded."""
+
+    timeout: float = 10.0  # seconds for one whole attempt: connect, headers and body
+    retries: int = 0
+    user_agent_token: str | None = None
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
+    max_download_bytes: int = 64 * 1024 * 1024
+    max_redirects: int = 10
+
+    def __post_init__(self) -> None:
+        _require(self.timeout > 0, "timeout", "must be a positive number of seconds")
+        _require(self.retries >= 0, "retries", "must be 0 or more")
+        _require(self.max_download_bytes > 0, "max_download_bytes", "must be positive")
+        _require(self.max_redirects >= 0, "max_redirects", "must be 0 or more")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """How a downloaded image is checked, resized and re-encoded."""
+
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    upscale_interpolation: str = "lanczos"
+    downscale_interpolation: str = "area"
+    encode_quality: int = 95
+    encode_format: str = "jpg"
+    min_image_size: int = 0
+    max_image_area: float = math.inf
+    max_aspect_ratio: float = math.inf
+    # Refuse to decode images whose header claims more pixels than this (PIL's warning threshold).
+    max_decoded_pixels: int = 89_478_485
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
+    reduced_jpeg_decode: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 1, "image_size", "must be at least 1 pixel")
+        _require(self.resize_mode in RESIZE_MODES, "resize_mode", f"must be one of {list(RESIZE_MODES)}")
+        for option in ("upscale_interpolation", "downscale_interpolation"):
+            value = getattr(self, option)
+            _require(value in INTERPOLATIONS, option, f"{value!r} is not one of {list(INTERPOLATIONS)}")
+        _require(
+            self.encode_format in ENCODE_FORMATS, "encode_format", f"must be one of {list(ENCODE_FORMATS)}"
+        )
+        if self.encode_format == "png":
+            _require(
+                0 <= self.encode_quality <= 9,
+                "encode_quality",
+                "for png it is the compression level, from 0 to 9",
+            )
+        else:
+            _require(self.encode_quality >= 0, "encode_quality", "must be 0 or more")
+        _require(self.min_image_size >= 0, "min_image_size", "must be 0 or more")
+        _require(self.max_image_area > 0, "max_image_area", "must be positive")
+        _require(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be 1 or more")
+        _require(self.max_decoded_pixels > 0, "max_decoded_pixels", "must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSettings:
+    """What is written for each shard."""
+
+    output_format: str = "files"
+    oom_shard_count: int = 5
+    extract_exif: bool = True
+    compute_hash: str | None = "sha256"
+
+    FORMATS: ClassVar[tuple[str, ...]] = ("files", "webdataset", "parquet", "dummy")
+
+    def __post_init__(self) -> None:
+        _require(self.output_format in self.FORMATS, "output_format", f"must be one of {list(self.FORMATS)}")
+        _require(1 <= self.oom_shard_count <= 12, "oom_shard_count", "must be between 1 and 12")
+        _require(
+            self.compute_hash is None or self.compute_hash in HASH_TYPES,
+            "compute_hash",
+            f"must be None or one of {list(HASH_TYPES)}",
+        )
+
+
+_STAGES: dict[str, type[Any]] = {
+    "source": SourceSettings,
+    "fetch": FetchSettings,
+    "image": ImageSettings,
+    "output": OutputSettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadSettings:
+    """All settings of one table, grouped by stage; serialised with the staged table."""
+
+    source: SourceSettings = field(default_factory=SourceSettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> DownloadSettings:
+        """Build settings from img2dataset-style flat options (``image_size=384, url_col="URL"``)."""
+        grouped: dict[str, dict[str, Any]] = {stage: {} for stage in _STAGES}
+        owner = {f.name: stage for stage, kind in _STAGES.items() for f in dataclasses.fields(kind)}
+        for name, value in flags.items():
+            if name not in owner:
+                raise ConfigError(f"{name}: unknown download option")
+            grouped[owner[name]][name] = _normalise(value)
+        return cls(**{stage: _STAGES[stage](**grouped[stage]) for stage in _STAGES})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain JSON-able dict; infinities become the string "inf" (JSON has no infinity)."""
+        return {
+            stage: {k: _to_json(v) for k, v in dataclasses.asdict(getattr(self, stage)).items()}
+            for stage in _STAGES
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, Any]]) -> DownloadSettings:
+        return cls(
+            **{
+                stage: _STAGES[stage](**{k: _normalise(v) for k, v in data.get(stage, {}).items()})
+                for stage in _STAGES
+            }
+        )
+
+    def flat(self) -> dict[str, Any]:
+        """The settings as one flat mapping of option name to value (for display)."""
+        return {k: v for stage in _STAGES for k, v in self.to_dict()[stage].items()}
+
+    @property
+    def key_digits(self) -> int:
+        """Digits of the in-shard index in sample keys, as img2dataset computes them."""
+        return math.ceil(math.log10(self.source.number_sample_per_shard))
+
+
+def _normalise(value: Any) -> Any:
+    # JSON and Dagster config carry lists and "inf" strings; the dataclasses hold tuples and floats.
+    if isinstance(value, list):
+        return tuple(value)
+    if value == "inf":
+        return math.inf
+    return value
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def shard_name(shard_id: int, oom_shard_count: int) -> str:
+    """Shard file stem: the shard id zero-padded to ``oom_shard_count`` digits."""
+    return f"{shard_id:0{oom_shard_count}d}"
+
+
+def sample_key(shard_id: int, index: int, key_digits: int, oom_shard_count: int) -> str:
+    """img2dataset's sample key: shard id then index in shard, as one zero-padded number."""
+    return f"{shard_id * 10**key_digits + index:0{key_digits + oom_shard_count}d}"

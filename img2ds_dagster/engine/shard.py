@@ -1,0 +1,267 @@
+"""Build shards: download every input row, process the images on every core, write the shard.
+
+Within a shard, ``thread_count`` threads download; at most ``cpu_threads`` of them decode, resize and
+encode at once (OpenCV releases the GIL, so those run in parallel on all cores). Encoded images go to
+a spool file as they complete, so memory stays flat however slow the slowest URL is; the writer then
+emits the samples in key order, which makes shards reproducible. Several shards can run in a pool of
+``processes_count`` processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+
+from ..errors import ShardError
+from .fetch import Fetcher
+from .images import ImageError, ImageProcessor, digest, exif_json
+from .probe import probe
+from .settings import DownloadSettings, sample_key
+from .sources import Staging
+from .stats import ShardStats
+from .storage import remove, write_json_atomic
+from .writers import Sample, ShardTarget, metadata_schema, open_writer
+
+log = logging.getLogger(__name__)
+
+
+def default_cpu_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True, slots=True)
+class Workers:
+    """How much parallelism to use; changes speed, never the output."""
+
+    thread_count: int = 256
+    processes_count: int = 1
+    cpu_threads: int = 0  # 0: one per core
+    spool_dir: str | None = None  # where encoded images wait for their turn; default: the temp folder
+
+    @property
+    def cpu_slots(self) -> int:
+        return self.cpu_threads or default_cpu_threads()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    table: str
+    shard_id: int
+    name: str
+    output_folder: str
+    stats: ShardStats
+    bytes_written: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.stats.count / self.stats.duration if self.stats.duration > 0 else 0.0
+
+
+class Spool:
+    """An append-only temporary file of encoded images; threads append, the writer reads back."""
+
+    def __init__(self, folder: str | None = None) -> None:
+        # Open for the spool's lifetime; close() closes it (the shard loop calls it in a finally).
+        self._file = tempfile.TemporaryFile(prefix="img2ds-spool-", dir=folder)  # noqa: SIM115
+        self._fd = self._file.fileno()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        with self._lock:
+            offset = self._size
+            self._size += len(data)
+        os.pwrite(self._fd, data, offset)
+        return offset, len(data)
+
+    def get(self, ref: tuple[int, int]) -> bytes:
+        offset, length = ref
+        return os.pread(self._fd, length, offset)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: str
+    error: str | None = None
+    image: tuple[int, int] | None = None  # spool reference
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    exif: str | None = None
+    hash: str | None = None
+
+
+class _SampleWorker:
+    """What one download thread does for one URL."""
+
+    def __init__(self, settings: DownloadSettings, fetcher: Fetcher, spool: Spool, cpu_slots: int) -> None:
+        self.fetcher = fetcher
+        self.processor = ImageProcessor(settings.image)
+        self.spool = spool
+        self.cpu = threading.BoundedSemaphore(cpu_slots)
+        self.extract_exif = settings.output.extract_exif
+        self.hash_type = settings.output.compute_hash
+
+    def __call__(self, url: str | None) -> _Outcome:
+        if not url:
+            return _Outcome("failed_to_download", "empty URL")
+        fetched = self.fetcher.fetch(url)
+        if fetched.data is None:
+            return _Outcome("failed_to_download", fetched.error)
+        raw = fetched.data
+        header = probe(raw)
+        try:
+            with self.cpu:
+                image = self.processor.process(raw, header)
+        except ImageError as err:
+            return _Outcome("failed_to_resize", str(err))
+        return _Outcome(
+            "success",
+            image=self.spool.put(image.data),
+            width=image.width,
+            height=image.height,
+            original_width=image.original_width,
+            original_height=image.original_height,
+            exif=exif_json(raw, header) if self.extract_exif else None,
+            hash=digest(raw, self.hash_type) if self.hash_type else None,
+        )
+
+
+def build_shard(staging: Staging, table: str, shard_id: int, workers: Workers) -> ShardResult:
+    """Download and write one shard of a staged table; its stats file is written last."""
+    cv2.setNumThreads(1)  # parallelism comes from our threads; OpenCV's own pool would oversubscribe
+    manifest = staging.manifest(table)
+    if shard_id not in manifest.shard_ids:
+        raise ShardError(f"shard {table}/{shard_id}: table {table!r} has shards {manifest.shard_ids}")
+    name = manifest.shard_name(shard_id)
+    rows = staging.shard_rows(table, name)
+    settings = manifest.settings
+    target = ShardTarget(
+        folder=manifest.output_folder,
+        name=name,
+        schema=metadata_schema(rows.schema, settings.output),
+        encode_format=settings.image.encode_format,
+        save_caption=settings.source.caption_col is not None,
+    )
+    stats = ShardStats(start_time=time.time())
+    spool = Spool(workers.spool_dir)
+    fetcher = Fetcher(settings.fetch)
+    try:
+        worker = _SampleWorker(settings, fetcher, spool, workers.cpu_slots)
+        urls = rows.column("url").to_pylist()
+        with ThreadPoolExecutor(max(1, min(workers.thread_count, len(urls))), "img2ds-dl") as pool:
+            outcomes = list(pool.map(worker, urls))
+        # A stale stats file would make a half-rewritten shard look complete: it goes first.
+        remove(target.stats_path)
+        with open_writer(settings.output.output_format, target) as writer:
+            for index, (row, outcome) in enumerate(zip(rows.to_pylist(), outcomes, strict=True)):
+                key = sample_key(shard_id, index, settings.key_digits, settings.output.oom_shard_count)
+                stats.add(outcome.status, outcome.error)
+                writer.write(
+                    Sample(
+                        key=key,
+                        meta=_meta(row, key, outcome, settings),
+                        image=spool.get(outcome.image) if outcome.image else None,
+                        caption=row.get("caption"),
+                    )
+                )
+            bytes_written = writer.commit()
+    finally:
+        fetcher.close()
+        spool.close()
+    stats.end_time = time.time()
+    write_json_atomic(target.stats_path, stats.to_json())
+    log.info(
+        "shard %s/%s: %d samples, %d successes in %.1fs",
+        table,
+        name,
+        stats.count,
+        stats.successes,
+        stats.duration,
+    )
+    return ShardResult(table, shard_id, name, manifest.output_folder, stats, bytes_written)
+
+
+def _meta(row: dict[str, Any], key: str, o: _Outcome, settings: DownloadSettings) -> dict[str, Any]:
+    meta = {
+        **row,
+        "key": key,
+        "status": o.status,
+        "error_message": o.error,
+        "width": o.width,
+        "height": o.height,
+        "original_width": o.original_width,
+        "original_height": o.original_height,
+    }
+    if settings.output.extract_exif:
+        meta["exif"] = o.exif
+    hash_type = settings.output.compute_hash
+    if hash_type is not None and hash_type not in row:
+        meta[hash_type] = o.hash
+    return meta
+
+
+@dataclass(frozen=True, slots=True)
+class ShardJob:
+    table: str
+    shard_id: int
+
+    @property
+    def partition_key(self) -> str:
+        return f"{self.table}/{self.shard_id}"
+
+
+def build_shards(
+    staging_root: str, jobs: Sequence[ShardJob], workers: Workers
+) -> Iterator[tuple[ShardJob, ShardResult | ShardError]]:
+    """Build several shards, ``processes_count`` at a time; yields each as it finishes.
+
+    A shard that fails is yielded as a ShardError naming it, and the others go on.
+    """
+    staging = Staging(staging_root)
+    if workers.processes_count <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, _guarded(staging, job, workers)
+        return
+    # spawn: the parent may be a Dagster process with threads, which fork does not copy safely.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers.processes_count, len(jobs)), mp_context=context) as pool:
+        futures: dict[Future[ShardResult | ShardError], ShardJob] = {
+            pool.submit(_guarded, staging, job, workers): job for job in jobs
+        }
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                yield job, future.result()
+            except Exception as err:  # the worker process died (killed, out of memory)
+                yield job, _shard_error(job, err)
+
+
+def _guarded(staging: Staging, job: ShardJob, workers: Workers) -> ShardResult | ShardError:
+    try:
+        return build_shard(staging, job.table, job.shard_id, workers)
+    # A shard's failure is reported against that shard; the run's other shards carry on.
+    except Exception as err:
+        return _shard_error(job, err)
+
+
+def _shard_error(job: ShardJob, err: BaseException) -> ShardError:
+    if isinstance(err, ShardError):
+        return err
+    wrapped = ShardError(f"shard {job.table}/{job.shard_id}: {type(err).__name__}: {err}")
+    wrapped.__cause__ = err
+    return wrapped

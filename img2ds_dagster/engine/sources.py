@@ -1,0 +1,279 @@
+"""Read URL tables (txt/csv/tsv/json/jsonl/parquet, optionally gzipped) from any fsspec location,
+validate them, and stage them as one parquet file of input rows per shard plus a manifest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from ..errors import InputTableError, StagingMissingError
+from .settings import DownloadSettings, shard_name
+from .storage import join, read_json, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "table.json"
+
+
+def _read_txt(f: IO[bytes]) -> pa.Table:
+    # One URL per line. img2dataset parses txt as a one-column CSV, which splits URLs at commas and
+    # quotes; reading lines keeps such URLs whole and is otherwise the same.
+    lines = [line.strip() for line in io.TextIOWrapper(f, encoding="utf-8")]
+    return pa.table({"url": [line for line in lines if line]})
+
+
+def _read_csv(f: IO[bytes]) -> pa.Table:
+    return pa_csv.read_csv(f)
+
+
+def _read_tsv(f: IO[bytes]) -> pa.Table:
+    return pa_csv.read_csv(f, parse_options=pa_csv.ParseOptions(delimiter="\t"))
+
+
+def _read_json(f: IO[bytes]) -> pa.Table:
+    # A JSON array of records, or an object of columns ({"url": [...]} or pandas' {"url": {"0": ...}}).
+    data = json.load(f)
+    if isinstance(data, list):
+        return pa.Table.from_pylist(data)
+    if isinstance(data, dict):
+        return pa.table({k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()})
+    raise ValueError("expected a JSON array of records or an object of columns")
+
+
+def _read_jsonl(f: IO[bytes]) -> pa.Table:
+    return pa_json.read_json(f)
+
+
+def _read_parquet(f: IO[bytes]) -> pa.Table:
+    return pq.read_table(f)
+
+
+READERS: dict[str, Callable[[IO[bytes]], pa.Table]] = {
+    "txt": _read_txt,
+    "csv": _read_csv,
+    "tsv": _read_tsv,
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+}
+INPUT_FORMATS = tuple([*READERS, *(f"{name}.gz" for name in READERS if name != "parquet")])
+
+
+def input_format_of(path: str) -> str | None:
+    """The input format named by a file's extension (``a.csv.gz`` -> ``csv.gz``), or None."""
+    name = path.rsplit("/", 1)[-1].lower()
+    matches = [fmt for fmt in INPUT_FORMATS if name.endswith("." + fmt)]
+    return max(matches, key=len) if matches else None
+
+
+def table_key(path: str) -> str:
+    """Partition key of a URL file: its name without the format extension, made key-safe."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    fmt = input_format_of(name)
+    stem = name[: -len(fmt) - 1] if fmt else name.rsplit(".", 1)[0]
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")
+    if not key:
+        raise InputTableError(f"{path}: cannot make a table name from this file name")
+    return key
+
+
+def list_input_files(url_list: str, input_format: str) -> list[str]:
+    """The URL files named by ``url_list``: the file itself, or a folder's ``*.<input_format>`` files."""
+    fs, path = fsspec.core.url_to_fs(url_list)
+    if fs.isdir(path):
+        files = sorted(fs.glob(path.rstrip("/") + "/*." + input_format))
+        if not files:
+            raise InputTableError(f"{url_list}: no *.{input_format} file in this folder")
+        return [fs.unstrip_protocol(f) if "://" in url_list else f for f in files]
+    if not fs.exists(path):
+        raise InputTableError(f"{url_list}: no such file or folder")
+    return [url_list]
+
+
+def read_table(path: str, settings: DownloadSettings) -> pa.Table:
+    """Read a URL file and return its rows with img2dataset's column names and order.
+
+    The url column is renamed ``url``, the caption column ``caption``; extra columns keep their names.
+    """
+    source = settings.source
+    fmt = source.input_format or input_format_of(path)
+    if fmt is None:
+        raise InputTableError(
+            f"{path}: unknown input format; name the file *.csv, *.parquet, ... or set input_format"
+        )
+    if fmt not in INPUT_FORMATS:
+        raise InputTableError(f"{path}: unsupported input_format {fmt!r}; supported: {list(INPUT_FORMATS)}")
+    reader = READERS[fmt.removesuffix(".gz")]
+    try:
+        with fsspec.open(path, "rb") as raw:
+            stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if fmt.endswith(".gz") else raw
+            table = reader(stream)
+    except FileNotFoundError as err:
+        raise InputTableError(f"{path}: no such file") from err
+    except (pa.ArrowInvalid, ValueError, OSError, UnicodeDecodeError, EOFError) as err:
+        raise InputTableError(f"{path}: cannot read as {fmt}: {err}") from err
+
+    wanted = ["url"] if fmt.startswith("txt") else source.input_columns
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        raise InputTableError(
+            f"{path}: missing column(s) {missing}; the file has {table.column_names} "
+            "(set url_col / caption_col / save_additional_columns to match)"
+        )
+    if fmt.startswith("txt"):
+        return table
+    table = table.select(wanted)
+    renames = {source.url_col: "url"}
+    if source.caption_col is not None:
+        renames[source.caption_col] = "caption"
+    table = table.rename_columns([renames.get(c, c) for c in table.column_names])
+    return _urls_as_strings(path, table)
+
+
+def _urls_as_strings(path: str, table: pa.Table) -> pa.Table:
+    url = table.column("url")
+    if pa.types.is_string(url.type) or pa.types.is_large_string(url.type):
+        return table
+    if pa.types.is_null(url.type) or pa.types.is_integer(url.type) or pa.types.is_floating(url.type):
+        # A column of numbers or nulls cannot hold URLs: name the first offending row.
+        raise InputTableError(f"{path}: row 0: the url column holds {url.type} values, not URLs")
+    try:
+        return table.set_column(table.column_names.index("url"), "url", url.cast(pa.string()))
+    except pa.ArrowInvalid as err:
+        raise InputTableError(f"{path}: the url column cannot be read as text: {err}") from err
+
+
+@dataclass(frozen=True, slots=True)
+class TableManifest:
+    """What staging a URL file produced; saved as ``table.json`` and read by every shard."""
+
+    table: str
+    source: str
+    input_format: str
+    row_count: int
+    columns: list[str]
+    first_shard_id: int
+    shard_count: int
+    output_folder: str
+    settings: DownloadSettings
+
+    @property
+    def shard_ids(self) -> range:
+        return range(self.first_shard_id, self.first_shard_id + self.shard_count)
+
+    def shard_name(self, shard_id: int) -> str:
+        return shard_name(shard_id, self.settings.output.oom_shard_count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "source": self.source,
+            "input_format": self.input_format,
+            "row_count": self.row_count,
+            "columns": self.columns,
+            "first_shard_id": self.first_shard_id,
+            "shard_count": self.shard_count,
+            "output_folder": self.output_folder,
+            "settings": self.settings.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TableManifest:
+        return cls(**{**data, "settings": DownloadSettings.from_dict(data["settings"])})
+
+
+class Staging:
+    """The staging area: ``<root>/<table>/table.json`` and ``<root>/<table>/shards/<shard>.parquet``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+
+    def table_dir(self, table: str) -> str:
+        return join(self.root, table)
+
+    def shard_path(self, table: str, name: str) -> str:
+        return join(self.root, table, "shards", f"{name}.parquet")
+
+    def manifest(self, table: str) -> TableManifest:
+        path = join(self.table_dir(table), MANIFEST_NAME)
+        try:
+            return TableManifest.from_dict(read_json(path))
+        except FileNotFoundError as err:
+            raise StagingMissingError(
+                f"table {table!r} is not staged ({path} is missing): materialize url_tables[{table}] first"
+            ) from err
+
+    def tables(self) -> list[str]:
+        fs, root = fsspec.core.url_to_fs(self.root)
+        if not fs.exists(root):
+            return []
+        found = fs.glob(f"{root}/*/{MANIFEST_NAME}")
+        return sorted(p.rstrip("/").split("/")[-2] for p in found)
+
+    def stage(
+        self,
+        table: str,
+        source: str,
+        settings: DownloadSettings,
+        output_folder: str,
+        first_shard_id: int = 0,
+    ) -> TableManifest:
+        """Read ``source``, write its shards' input rows, then the manifest (last, so that a
+        half-staged table never looks staged)."""
+        rows = read_table(source, settings)
+        size = settings.source.number_sample_per_shard
+        shard_count = math.ceil(rows.num_rows / size)
+        manifest = TableManifest(
+            table=table,
+            source=source,
+            input_format=settings.source.input_format or input_format_of(source) or "",
+            row_count=rows.num_rows,
+            columns=rows.column_names,
+            first_shard_id=first_shard_id,
+            shard_count=shard_count,
+            output_folder=output_folder.rstrip("/"),
+            settings=settings,
+        )
+
+        def write_one(i: int) -> None:
+            name = manifest.shard_name(first_shard_id + i)
+            sink = pa.BufferOutputStream()
+            pq.write_table(rows.slice(i * size, size), sink, compression="zstd")
+            write_bytes_atomic(self.shard_path(table, name), sink.getvalue().to_pybytes())
+
+        # Threads pay off on object stores, where each write is a round trip.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(write_one, range(shard_count)))
+        write_json_atomic(join(self.table_dir(table), MANIFEST_NAME), manifest.to_dict())
+        log.info("staged %s: %d rows in %d shards", table, rows.num_rows, shard_count)
+        return manifest
+
+    def shard_rows(self, table: str, name: str) -> pa.Table:
+        path = self.shard_path(table, name)
+        try:
+            with fsspec.open(path, "rb") as f:
+                return pq.read_table(f)
+        except FileNotFoundError as err:
+            raise StagingMissingError(
+                f"shard {table}/{name}: staged input {path} is missing; re-materialize url_tables[{table}]"
+            ) from err
+
+
+def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """Rows as dicts, column order preserved."""
+    yield from table.to_pylist()

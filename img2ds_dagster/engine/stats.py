@@ -1,0 +1,196 @@
+"""Per-shard statistics (img2dataset's ``<shard>_stats.json``) and their aggregation across shards.
+
+Aggregation reads the files the shards wrote, with polars, not Dagster's event log: the files are
+the dataset's own record and stay correct when shards are rebuilt outside Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import polars as pl
+
+STATUSES = ("success", "failed_to_download", "failed_to_resize")
+
+
+@dataclass(slots=True)
+class ShardStats:
+    """Counts for one shard; ``to_json()`` gives img2dataset's stats file, key for key."""
+
+    count: int = 0
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    status_dict: Counter[str] = field(default_factory=Counter)
+
+    def add(self, status: str, error: str | None) -> None:
+        self.count += 1
+        if status == "success":
+            self.successes += 1
+            self.status_dict["success"] += 1
+            return
+        if status == "failed_to_download":
+            self.failed_to_download += 1
+        else:
+            self.failed_to_resize += 1
+        self.status_dict[error or status] += 1
+
+    @property
+    def duration(self) -> float:
+        return self.end_time - self.start_time
+
+    def failures_by_kind(self) -> dict[str, int]:
+        return {"failed_to_download": self.failed_to_download, "failed_to_resize": self.failed_to_resize}
+
+    def top_errors(self, n: int = 5) -> list[tuple[str, int]]:
+        return [(k, v) for k, v in self.status_dict.most_common() if k != "success"][:n]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "successes": self.successes,
+            "failed_to_download": self.failed_to_download,
+            "failed_to_resize": self.failed_to_resize,
+            "duration": self.duration,
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "status_dict": dict(self.status_dict),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetStats:
+    """Totals over many shards, per table and overall."""
+
+    per_table: pl.DataFrame  # one row per table
+    errors: pl.DataFrame  # table, error, count (most frequent first)
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        t = self.per_table
+        if t.is_empty():
+            return {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+        sums = t.select(
+            pl.col("shards", "count", "successes", "failed_to_download", "failed_to_resize").sum()
+        )
+        out: dict[str, Any] = sums.row(0, named=True)
+        out["success_rate"] = out["successes"] / out["count"] if out["count"] else 0.0
+        out["download_seconds"] = float(t["download_seconds"].sum())
+        # Tables are usually downloaded one after another: rate over the sum of their wall times.
+        wall = float(t["wall_seconds"].sum())
+        out["images_per_second"] = out["count"] / wall if wall > 0 else 0.0
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "totals": self.totals,
+            "tables": self.per_table.to_dicts(),
+            "top_errors": self.errors.head(20).to_dicts(),
+        }
+
+    def markdown(self) -> str:
+        """A markdown table per table plus the most frequent errors, for the Dagster UI."""
+        lines = [
+            "| table | shards | count | successes | success rate | failed to download | failed to resize "
+            "| images/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.per_table.iter_rows(named=True):
+            lines.append(
+                f"| {r['table']} | {r['shards']} | {r['count']} | {r['successes']} | {r['success_rate']:.1%} "
+                f"| {r['failed_to_download']} | {r['failed_to_resize']} | {r['images_per_second']:.1f} |"
+            )
+        if not self.errors.is_empty():
+            lines += ["", "| table | error | count |", "|---|---|---:|"]
+            for r in self.errors.head(20).iter_rows(named=True):
+                message = str(r["error"]).replace("|", "\\|").replace("\n", " ")[:200]
+                lines.append(f"| {r['table']} | {message} | {r['count']} |")
+        return "\n".join(lines)
+
+
+def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
+    """One row per shard stats file: table, shard, counts, times and the status dict as JSON."""
+    records = []
+    for table, paths in paths_by_table.items():
+        if not paths:
+            continue
+        fs, _ = fsspec.core.url_to_fs(paths[0])
+        for path, raw in fs.cat(paths, on_error="omit").items():
+            data = json.loads(raw)
+            records.append(
+                {
+                    "table": table,
+                    "shard": str(path).rsplit("/", 1)[-1].removesuffix("_stats.json"),
+                    **{k: data[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
+                    "start_time": float(data["start_time"]),
+                    "end_time": float(data["end_time"]),
+                    "status_dict": json.dumps(data.get("status_dict", {})),
+                }
+            )
+    schema = {
+        "table": pl.String,
+        "shard": pl.String,
+        "count": pl.Int64,
+        "successes": pl.Int64,
+        "failed_to_download": pl.Int64,
+        "failed_to_resize": pl.Int64,
+        "start_time": pl.Float64,
+        "end_time": pl.Float64,
+        "status_dict": pl.String,
+    }
+    return pl.DataFrame(records, schema=schema)
+
+
+def aggregate(shards: pl.DataFrame) -> DatasetStats:
+    """Per-table totals and error counts from ``read_stats_files``' frame."""
+    per_table = (
+        shards.group_by("table")
+        .agg(
+            pl.len().alias("shards"),
+            pl.col("count", "successes", "failed_to_download", "failed_to_resize").sum(),
+            (pl.col("end_time") - pl.col("start_time")).sum().alias("download_seconds"),
+            (pl.col("end_time").max() - pl.col("start_time").min()).alias("wall_seconds"),
+        )
+        .with_columns(
+            (pl.col("successes") / pl.col("count")).fill_nan(0.0).alias("success_rate"),
+            # Shards of a table may run at the same time: throughput is over wall-clock time.
+            (pl.col("count") / pl.col("wall_seconds")).fill_nan(0.0).alias("images_per_second"),
+        )
+        .sort("table")
+    )
+    errors = _error_counts(shards)
+    return DatasetStats(per_table=per_table, errors=errors)
+
+
+def _error_counts(shards: pl.DataFrame) -> pl.DataFrame:
+    counts: dict[tuple[str, str], int] = {}
+    for table, status_json in shards.select("table", "status_dict").iter_rows():
+        for error, n in json.loads(status_json).items():
+            if error != "success":
+                counts[(table, error)] = counts.get((table, error), 0) + n
+    frame = pl.DataFrame(
+        [{"table": t, "error": e, "count": n} for (t, e), n in counts.items()],
+        schema={"table": pl.String, "error": pl.String, "count": pl.Int64},
+    )
+    return frame.sort(["count", "table", "error"], descending=[True, False, False])
+
+
+def summarize(stats: Iterable[ShardStats]) -> ShardStats:
+    """Sum of several shards' stats (used for a multi-shard run's log line)."""
+    total = ShardStats(start_time=float("inf"), end_time=float("-inf"))
+    for s in stats:
+        total.count += s.count
+        total.successes += s.successes
+        total.failed_to_download += s.failed_to_download
+        total.failed_to_resize += s.failed_to_resize
+        total.start_time = min(total.start_time, s.start_time)
+        total.end_time = max(total.end_time, s.end_time)
+        total.status_dict.update(s.status_dict)
+    return total

@@ -1,0 +1,135 @@
+"""Paths on any fsspec filesystem, and atomic writes.
+
+Local files are written under a temporary name in the same folder and renamed into place, so a crash
+never leaves a file that looks complete. On object stores a PUT is already all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def local_path(path: str) -> str | None:
+    """The OS path of ``path`` when it is on the local filesystem, else None."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return p if isinstance(fs, LocalFileSystem) else None
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (relative paths are relative to the current folder); URLs unchanged."""
+    local = local_path(path)
+    return os.path.abspath(local) if local is not None else path
+
+
+def _temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` only if the ``with`` block succeeds."""
+    local = local_path(path)
+    if local is None:
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "wb") as f:
+            yield f
+        return
+    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    tmp = _temp_name(local)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, local)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=4).encode())
+
+
+def read_json(path: str) -> Any:
+    with fsspec.open(path, "rb") as f:
+        return json.load(f)
+
+
+def exists(path: str) -> bool:
+    fs, p = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(p))
+
+
+def remove(path: str) -> None:
+    """Remove a file or a folder tree; nothing if absent."""
+    local = local_path(path)
+    if local is not None:
+        if os.path.isdir(local):
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(local)
+        return
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+class AtomicFolder:
+    """A folder filled under a temporary name and swapped into place on ``commit()``.
+
+    Used by the ``files`` output format, whose shard is a folder of per-sample files.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path.rstrip("/")
+        self._local = local_path(self.path)
+        if self._local is not None:
+            self.work = _temp_name(self._local)
+            os.makedirs(self.work)
+        else:
+            # Object stores have no folders to swap: the old objects are removed first.
+            remove(self.path)
+            self.work = self.path
+
+    def write(self, name: str, data: bytes) -> None:
+        if self._local is not None:
+            with open(os.path.join(self.work, name), "wb") as f:
+                f.write(data)
+        else:
+            fs, p = fsspec.core.url_to_fs(join(self.work, name))
+            fs.pipe_file(p, data)
+
+    def commit(self) -> None:
+        if self._local is None:
+            return
+        old = None
+        if os.path.exists(self._local):
+            old = _temp_name(self._local)
+            os.replace(self._local, old)
+        os.replace(self.work, self._local)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self._local is not None:
+            shutil.rmtree(self.work, ignore_errors=True)

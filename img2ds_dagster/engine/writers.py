@@ -1,0 +1,252 @@
+"""Shard writers: one class per output format behind one protocol, and a registry of them.
+
+Every writer receives the shard's samples in key order and makes its files appear atomically on
+``commit()``. All of them (but ``dummy``) also write the shard's metadata parquet, one row per input
+row, with img2dataset's columns. Tar members carry a fixed mtime and owner, so the same input gives
+byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .settings import OutputSettings
+from .storage import AtomicFolder, atomic_open, join
+
+TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter would stamp the current time
+TAR_OWNER = "bigdata"  # webdataset's default owner, kept so tars look like img2dataset's
+
+SAMPLE_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+]
+
+
+def metadata_schema(input_schema: pa.Schema, output: OutputSettings) -> pa.Schema:
+    """img2dataset's metadata columns: the input columns, then the sample columns, exif and hash."""
+    fields = [*input_schema, *(pa.field(n, t) for n, t in SAMPLE_COLUMNS)]
+    if output.extract_exif:
+        fields.append(pa.field("exif", pa.string()))
+    if output.compute_hash is not None and output.compute_hash not in input_schema.names:
+        fields.append(pa.field(output.compute_hash, pa.string()))
+    return pa.schema(fields)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One input row's outcome, as writers see it."""
+
+    key: str
+    meta: dict[str, Any]  # the metadata row, in schema order
+    image: bytes | None  # the encoded image, for successful samples only
+    caption: str | None  # the caption text when captions are saved
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTarget:
+    """Where a shard goes and what its rows look like."""
+
+    folder: str
+    name: str
+    schema: pa.Schema
+    encode_format: str
+    save_caption: bool
+
+    @property
+    def parquet_path(self) -> str:
+        return join(self.folder, f"{self.name}.parquet")
+
+    @property
+    def stats_path(self) -> str:
+        return join(self.folder, f"{self.name}_stats.json")
+
+
+class ShardWriter(Protocol):
+    """Receives a shard's samples in key order; files appear only on ``commit()``."""
+
+    def write(self, sample: Sample) -> None: ...
+
+    def commit(self) -> int:
+        """Make the shard's files visible; returns the number of bytes written."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+def sample_json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, indent=4, default=str).encode()
+
+
+def caption_text(caption: Any) -> bytes:
+    return ("" if caption is None else str(caption)).encode()
+
+
+class _CountingFile:
+    """Counts bytes written through it (tarfile and parquet write to file-like objects)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+
+class MetadataTable:
+    """The shard's metadata parquet, written in one go on ``commit()`` (a shard's rows are small)."""
+
+    def __init__(self, target: ShardTarget, extra: pa.Schema | None = None) -> None:
+        self.schema = target.schema if extra is None else pa.schema([*target.schema, *extra])
+        self.path = target.parquet_path
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def commit(self) -> int:
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        with atomic_open(self.path) as raw:
+            f = _CountingFile(raw)
+            pq.write_table(table, f)
+        return f.size
+
+
+class WebDatasetWriter:
+    """``<name>.tar`` with ``<key>.<ext>``, ``<key>.json`` and ``<key>.txt`` members, plus the parquet."""
+
+    def __init__(self, target: ShardTarget) -> None:
+        self.target = target
+        self.metadata = MetadataTable(target)
+        self._stack = contextlib.ExitStack()
+        raw = self._stack.enter_context(atomic_open(join(target.folder, f"{target.name}.tar")))
+        self._file = _CountingFile(raw)
+        # Closed by commit() or abort(): the writer's lifetime spans many write() calls.
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    def write(self, sample: Sample) -> None:
+        self.metadata.add(sample.meta)
+        if sample.image is None:
+            return
+        members = {self.target.encode_format: sample.image, "json": sample_json(sample.meta)}
+        if self.target.save_caption:
+            members["txt"] = caption_text(sample.caption)
+        for ext in sorted(members):  # webdataset's member order
+            self._add(f"{sample.key}.{ext}", members[ext])
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = TAR_MTIME
+        info.mode = 0o444
+        info.uname = info.gname = TAR_OWNER
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def commit(self) -> int:
+        self._tar.close()
+        self._stack.close()  # renames the tar into place
+        return self._file.size + self.metadata.commit()
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._tar.close()
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+class FilesWriter:
+    """A ``<name>/`` folder of ``<key>.<ext>``, ``<key>.json`` and ``<key>.txt`` files, plus the parquet."""
+
+    def __init__(self, target: ShardTarget) -> None:
+        self.target = target
+        self.metadata = MetadataTable(target)
+        self.folder = AtomicFolder(join(target.folder, target.name))
+        self._size = 0
+
+    def write(self, sample: Sample) -> None:
+        self.metadata.add(sample.meta)
+        if sample.image is None:
+            return
+        self._put(f"{sample.key}.{self.target.encode_format}", sample.image)
+        if self.target.save_caption:
+            self._put(f"{sample.key}.txt", caption_text(sample.caption))
+        self._put(f"{sample.key}.json", sample_json(sample.meta))
+
+    def _put(self, name: str, data: bytes) -> None:
+        self.folder.write(name, data)
+        self._size += len(data)
+
+    def commit(self) -> int:
+        self.folder.commit()
+        return self._size + self.metadata.commit()
+
+    def abort(self) -> None:
+        self.folder.abort()
+
+
+class ParquetWriter:
+    """``<name>.parquet`` holding the metadata columns plus the image bytes in a ``<ext>`` column."""
+
+    def __init__(self, target: ShardTarget) -> None:
+        self.metadata = MetadataTable(target, pa.schema([pa.field(target.encode_format, pa.binary())]))
+        self._column = target.encode_format
+
+    def write(self, sample: Sample) -> None:
+        self.metadata.add({**sample.meta, self._column: sample.image})
+
+    def commit(self) -> int:
+        return self.metadata.commit()
+
+    def abort(self) -> None:
+        pass
+
+
+class DummyWriter:
+    """Writes nothing (img2dataset's benchmark format); only the stats file is written."""
+
+    def __init__(self, target: ShardTarget) -> None:
+        pass
+
+    def write(self, sample: Sample) -> None:
+        pass
+
+    def commit(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        pass
+
+
+WRITERS: dict[str, Callable[[ShardTarget], ShardWriter]] = {
+    "files": FilesWriter,
+    "webdataset": WebDatasetWriter,
+    "parquet": ParquetWriter,
+    "dummy": DummyWriter,
+}
+
+
+@contextlib.contextmanager
+def open_writer(output_format: str, target: ShardTarget) -> Iterator[ShardWriter]:
+    """A writer whose output is removed if the ``with`` block fails (commit is the caller's job)."""
+    writer = WRITERS[output_format](target)
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise

@@ -1,0 +1,1 @@
+"""Dagster adapters over the engine: partitions, resources, assets, sensors."""

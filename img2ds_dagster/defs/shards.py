@@ -1,0 +1,90 @@
+"""``shards``: one partition per shard. A run builds one or several shards (a backfill groups up to
+``MAX_SHARDS_PER_RUN`` of them) and records one materialization per shard as each finishes."""
+
+# No `from __future__ import annotations` here: Dagster reads the parameter annotations of the
+# decorated functions (context, config, resources) at definition time and needs real types.
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import dagster as dg
+
+from ..engine.shard import ShardResult, build_shards
+from ..errors import ShardError
+from .partitions import shard_job, shards_partitions
+from .resources import StorageResource, WorkersResource
+from .url_tables import url_tables
+
+MAX_SHARDS_PER_RUN = 8
+
+
+# BackfillPolicy is a beta parameter in Dagster 1.13; we rely on it on purpose (several shards per
+# backfill run), so its warning is silenced here rather than shown to every user at import.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+
+    @dg.asset(
+        partitions_def=shards_partitions,
+        # The shards of a table depend on that table, but Dagster cannot map one dynamic key to many:
+        # an empty specific mapping keeps the lineage edge without a per-partition dependency. A bare
+        # dependency would infer an identity mapping, and every backfill would then fail.
+        deps=[dg.AssetDep(url_tables, partition_mapping=dg.SpecificPartitionsPartitionMapping([]))],
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_SHARDS_PER_RUN),
+        retry_policy=dg.RetryPolicy(
+            max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+        ),
+        pool="img2ds_download",
+        output_required=False,
+        group_name="img2ds",
+        kinds={"webdataset"},
+        description="One shard of a URL table: images downloaded, resized and written with their metadata.",
+    )
+    def shards(
+        context: dg.AssetExecutionContext, storage: StorageResource, workers: WorkersResource
+    ) -> Iterator[dg.AssetMaterialization]:
+        keys = context.partition_keys
+        done = _materialized_in_this_run(context) if context.retry_number > 0 else set()
+        if done:
+            context.log.info(f"retry {context.retry_number}: skipping {len(done)} shards finished before")
+        jobs = {shard_job(key): key for key in keys if key not in done}
+        failed: dict[str, ShardError] = {}
+        for job, result in build_shards(storage.staging, list(jobs), workers.workers()):
+            key = jobs[job]
+            if isinstance(result, ShardError):
+                failed[key] = result
+                context.log.error(f"{key} failed: {result}")
+                continue
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key, partition=key, metadata=shard_metadata(result)
+            )
+        if failed:
+            raise dg.Failure(
+                description=f"{len(failed)} of {len(jobs)} shards failed: "
+                + "; ".join(map(str, failed.values())),
+                metadata={"failed_shards": dg.MetadataValue.json(sorted(failed))},
+            )
+
+
+def _materialized_in_this_run(context: dg.AssetExecutionContext) -> set[str]:
+    """Shards this run already recorded before a retry (a retry re-runs the whole step)."""
+    records = context.instance.get_records_for_run(
+        run_id=context.run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    return {r.partition_key for r in records if r.asset_key == context.asset_key and r.partition_key}
+
+
+def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
+    s = result.stats
+    return {
+        "count": dg.MetadataValue.int(s.count),
+        "successes": dg.MetadataValue.int(s.successes),
+        "success_rate": dg.MetadataValue.float(s.successes / s.count if s.count else 0.0),
+        "failed_to_download": dg.MetadataValue.int(s.failed_to_download),
+        "failed_to_resize": dg.MetadataValue.int(s.failed_to_resize),
+        "top_errors": dg.MetadataValue.md("\n".join(f"- {n} x {msg}" for msg, n in s.top_errors()) or "none"),
+        "bytes_written": dg.MetadataValue.int(result.bytes_written),
+        "images_per_second": dg.MetadataValue.float(round(result.images_per_second, 1)),
+        "duration_seconds": dg.MetadataValue.float(round(s.duration, 2)),
+        "output": dg.MetadataValue.path(f"{result.output_folder}/{result.name}"),
+    }

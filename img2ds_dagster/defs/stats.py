@@ -1,0 +1,59 @@
+"""``download_stats``: success and error totals over every shard's stats file, per table."""
+
+# No `from __future__ import annotations` here: Dagster reads the parameter annotations of the
+# decorated functions (context, config, resources) at definition time and needs real types.
+
+import dagster as dg
+
+from ..engine.stats import DatasetStats, aggregate, read_stats_files
+from ..engine.storage import join, write_json_atomic
+from .resources import StorageResource
+from .shards import shards
+
+# Refresh after shards change, at most every few minutes, and never two at once.
+STATS_AUTOMATION = (
+    dg.AutomationCondition.cron_tick_passed("*/5 * * * *").since_last_handled()  # type: ignore[misc]
+    & dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.in_progress()
+)
+
+
+def collect_stats(storage: StorageResource) -> DatasetStats:
+    """Read the stats file of every shard of every staged table."""
+    staging = storage.staging_area()
+    paths = {}
+    for table in staging.tables():
+        manifest = staging.manifest(table)
+        paths[table] = [
+            join(manifest.output_folder, f"{manifest.shard_name(i)}_stats.json") for i in manifest.shard_ids
+        ]
+    return aggregate(read_stats_files(paths))
+
+
+@dg.asset(
+    deps=[shards],
+    automation_condition=STATS_AUTOMATION,
+    group_name="img2ds",
+    kinds={"polars"},
+    description="Totals, success rate, error breakdown and throughput over all shards, per table.",
+)
+def download_stats(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    stats = collect_stats(storage)
+    path = storage.stats_path()
+    write_json_atomic(path, stats.to_json())
+    totals = stats.totals
+    context.log.info(f"{totals['successes']} of {totals['count']} samples downloaded; stats in {path}")
+    return dg.MaterializeResult(
+        metadata={
+            "tables": dg.MetadataValue.int(stats.per_table.height),
+            "shards": dg.MetadataValue.int(totals["shards"]),
+            "count": dg.MetadataValue.int(totals["count"]),
+            "successes": dg.MetadataValue.int(totals["successes"]),
+            "success_rate": dg.MetadataValue.float(round(totals.get("success_rate", 0.0), 4)),
+            "failed_to_download": dg.MetadataValue.int(totals["failed_to_download"]),
+            "failed_to_resize": dg.MetadataValue.int(totals["failed_to_resize"]),
+            "images_per_second": dg.MetadataValue.float(round(totals.get("images_per_second", 0.0), 1)),
+            "summary": dg.MetadataValue.md(stats.markdown()),
+            "stats_file": dg.MetadataValue.path(path),
+        }
+    )

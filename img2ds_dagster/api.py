@@ -1,0 +1,222 @@
+"""``download()``: img2dataset's function, same keyword arguments and defaults, run through the same
+Dagster assets as the code location, in this process.
+
+The Dagster instance lives in ``<output_folder>/.img2ds/`` (a hidden folder, so the visible layout is
+img2dataset's): calling ``download()`` again with the same arguments only builds the shards that are
+not materialized yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from .config import DownloadConfig
+from .defs.resources import StorageResource, WorkersResource
+from .defs.stats import collect_stats
+from .defs.url_tables import shard_keys
+from .engine.sources import list_input_files, table_key
+from .engine.storage import absolute, local_path
+from .errors import ConfigError, NotSupportedYetError, ShardError
+from .runner import AssetRunner
+
+log = logging.getLogger(__name__)
+
+STATE_FOLDER = ".img2ds"
+_INSTANCE_YAML = """\
+# Dagster instance of img2ds_dagster.download() for this output folder (sqlite, next to this file).
+storage:
+  sqlite:
+    base_dir: {base}
+telemetry:
+  enabled: false
+"""
+
+
+@dataclass
+class DownloadReport:
+    """What a ``download()`` call did."""
+
+    output_folder: str
+    shards_total: int
+    shards_built: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+    stats_file: str = ""
+
+
+# Options img2dataset has that this version does not implement yet, with the value that means "off".
+_NOT_YET: dict[str, Any] = {
+    "skip_reencode": False,
+    "bbox_col": None,
+    "verify_hash": None,
+    "enable_wandb": False,
+    "distributor": "multiprocessing",
+    "disable_all_reencoding": False,
+    "incremental_mode": "incremental",
+    "max_shard_retry": 1,
+}
+
+
+def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally too
+    url_list: str,
+    image_size: int = 256,
+    output_folder: str = "images",
+    processes_count: int = 1,
+    resize_mode: str = "border",
+    resize_only_if_bigger: bool = False,
+    upscale_interpolation: str = "lanczos",
+    downscale_interpolation: str = "area",
+    encode_quality: int = 95,
+    encode_format: str = "jpg",
+    skip_reencode: bool = False,
+    output_format: str = "files",
+    input_format: str = "txt",
+    url_col: str = "url",
+    caption_col: str | None = None,
+    bbox_col: str | None = None,
+    thread_count: int = 256,
+    number_sample_per_shard: int = 10000,
+    extract_exif: bool = True,
+    save_additional_columns: list[str] | None = None,
+    timeout: int = 10,
+    enable_wandb: bool = False,
+    wandb_project: str = "img2dataset",
+    oom_shard_count: int = 5,
+    compute_hash: str | None = "sha256",
+    verify_hash: list[str] | None = None,
+    distributor: str = "multiprocessing",
+    subjob_size: int = 1000,
+    retries: int = 0,
+    disable_all_reencoding: bool = False,
+    min_image_size: int = 0,
+    max_image_area: float = float("inf"),
+    max_aspect_ratio: float = float("inf"),
+    incremental_mode: str = "incremental",
+    max_shard_retry: int = 1,
+    user_agent_token: str | None = None,
+    disallowed_header_directives: list[str] | None = None,
+) -> DownloadReport:
+    """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
+
+    Raises ShardError at the end if some shards could not be built (the others are kept; call again
+    to retry just those), ConfigError for a bad option and InputTableError for a bad URL file.
+    """
+    given = locals()
+    for option, off in _NOT_YET.items():
+        if given[option] != off:
+            raise NotSupportedYetError(f"{option}={given[option]!r} is not supported yet by img2ds_dagster")
+    if processes_count < 1 or thread_count < 1:
+        raise ConfigError("processes_count and thread_count: must be at least 1")
+    config = DownloadConfig(
+        image_size=image_size,
+        resize_mode=resize_mode,
+        resize_only_if_bigger=resize_only_if_bigger,
+        upscale_interpolation=upscale_interpolation,
+        downscale_interpolation=downscale_interpolation,
+        encode_quality=encode_quality,
+        encode_format=encode_format,
+        output_format=output_format,
+        input_format=input_format,
+        url_col=url_col,
+        caption_col=caption_col,
+        save_additional_columns=save_additional_columns,
+        number_sample_per_shard=number_sample_per_shard,
+        oom_shard_count=oom_shard_count,
+        extract_exif=extract_exif,
+        compute_hash=compute_hash,
+        timeout=timeout,
+        retries=retries,
+        user_agent_token=user_agent_token,
+        disallowed_header_directives=(
+            list(disallowed_header_directives)
+            if disallowed_header_directives is not None
+            else DownloadConfig.model_fields["disallowed_header_directives"].get_default(
+                call_default_factory=True
+            )
+        ),
+        min_image_size=min_image_size,
+        max_image_area=None if math.isinf(max_image_area) else max_image_area,
+        max_aspect_ratio=None if math.isinf(max_aspect_ratio) else max_aspect_ratio,
+    )
+    config.to_settings()  # fail fast, naming the option, before anything is written
+
+    output_folder = absolute(output_folder)
+    files = list_input_files(absolute(url_list), input_format)
+    tables = _table_keys(files)
+    state = _state_folder(output_folder)
+    storage = StorageResource(
+        inbox=str(state / "inbox"),
+        staging=str(state / "staging"),
+        datasets=output_folder,
+        stats_file=str(state / "download_stats.json"),
+    )
+    workers = WorkersResource(thread_count=thread_count, processes_count=processes_count)
+    with _instance(state) as instance:
+        runner = AssetRunner(instance, {"storage": storage, "workers": workers})
+        first_shard_id, keys = 0, []
+        for table, source in zip(tables, files, strict=True):
+            # img2dataset numbers the shards of a folder's files one after the other.
+            manifest = runner.stage_table(
+                table,
+                {
+                    **config.model_dump(exclude_defaults=True),
+                    "source": source,
+                    "output_folder": output_folder,
+                    "first_shard_id": first_shard_id,
+                },
+            )
+            keys += shard_keys(manifest)
+            first_shard_id += manifest.shard_count
+        outcome = runner.build_missing_shards(keys)
+        if outcome.skipped:
+            log.info("%d of %d shards were already done and were skipped", len(outcome.skipped), len(keys))
+        runner.refresh_stats()
+    if outcome.failed:
+        raise ShardError(
+            f"{len(outcome.failed)} of {len(keys)} shards could not be built "
+            f"({', '.join(outcome.failed[:10])}); "
+            "the others are done: call download() again to retry these"
+        )
+    return DownloadReport(
+        output_folder=output_folder,
+        shards_total=len(keys),
+        shards_built=outcome.built,
+        shards_skipped=outcome.skipped,
+        totals=collect_stats(storage).totals,
+        stats_file=storage.stats_path(),
+    )
+
+
+def _table_keys(files: list[str]) -> list[str]:
+    keys = [table_key(f) for f in files]
+    clashes = sorted({k for k in keys if keys.count(k) > 1})
+    if clashes:
+        raise ConfigError(f"url_list: several input files give the same table name(s) {clashes}; rename them")
+    return keys
+
+
+def _state_folder(output_folder: str) -> Path:
+    """``<output_folder>/.img2ds`` for local outputs; a per-output cache folder otherwise (sqlite
+    needs a local disk)."""
+    local = local_path(output_folder)
+    if local is not None:
+        return Path(local) / STATE_FOLDER
+    digest = hashlib.sha256(output_folder.encode()).hexdigest()[:16]
+    return Path(os.path.expanduser("~/.cache/img2ds_dagster")) / digest
+
+
+def _instance(state: Path) -> dg.DagsterInstance:
+    home = state / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(_INSTANCE_YAML.format(base=home / "storage"))
+    return dg.DagsterInstance.from_config(str(home))

@@ -1,0 +1,126 @@
+"""The ``img2ds`` command.
+
+``img2ds download --url_list=urls.txt --output_folder=out ...`` takes img2dataset's flags, with values
+written the way img2dataset's command line (python-fire) reads them: ``True``/``False``, ``None``,
+``inf``, and lists as ``'["noai","noindex"]'``, ``'[]'`` or ``noai,noindex``.
+``img2ds demo`` downloads the bundled sample images from a local server through the Dagster assets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .api import download
+from .demo import run_demo
+from .errors import ConfigError, InputTableError, ShardError
+
+
+def parse_value(text: str, annotation: Any) -> Any:
+    """A flag's text as the type ``download()`` declares for it."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if type(None) in options and text in ("None", "none", "null"):
+        return None
+    kind = next(o for o in options if o is not type(None))
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected True or False, got {text!r}")
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    if typing.get_origin(kind) is list:
+        stripped = text.strip()
+        if stripped.startswith("["):
+            value = ast.literal_eval(stripped)
+            if not isinstance(value, list):
+                raise ValueError(f"expected a list, got {text!r}")
+            return [str(v) for v in value]
+        return [part.strip() for part in stripped.split(",") if part.strip()]
+    return text
+
+
+def _parser_for(function: Callable[..., Any], name: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"img2ds {name}", description=description)
+    hints = typing.get_type_hints(function)
+    for param in inspect.signature(function).parameters.values():
+        annotation = hints[param.name]
+        required = param.default is inspect.Parameter.empty
+        if param.name == "url_list":
+            # img2dataset also takes the URL list as the first positional argument.
+            parser.add_argument("url_list_positional", nargs="?", metavar="URL_LIST")
+            required = False
+        parser.add_argument(
+            f"--{param.name}",
+            required=required,
+            # A bare boolean flag means True, as with python-fire.
+            nargs="?" if annotation is bool else None,
+            const="True" if annotation is bool else None,
+            default=argparse.SUPPRESS,
+            help=None if required else f"default: {param.default!r}",
+        )
+    return parser
+
+
+def _run_download(argv: Sequence[str]) -> int:
+    parser = _parser_for(download, "download", "Download images from URL lists into a dataset.")
+    args = vars(parser.parse_args(argv))
+    positional = args.pop("url_list_positional", None)
+    if positional is not None:
+        args.setdefault("url_list", positional)
+    if "url_list" not in args:
+        parser.error("the URL list is required (--url_list=FILE_OR_FOLDER)")
+    hints = typing.get_type_hints(download)
+    try:
+        kwargs = {name: parse_value(text, hints[name]) for name, text in args.items()}
+    except (ValueError, SyntaxError) as err:
+        parser.error(str(err))
+    try:
+        report = download(**kwargs)
+    except (ConfigError, InputTableError) as err:
+        print(f"img2ds: {err}", file=sys.stderr)
+        return 2
+    except ShardError as err:
+        print(f"img2ds: {err}", file=sys.stderr)
+        return 1
+    totals = report.totals
+    print(
+        f"{report.output_folder}: {totals['successes']} of {totals['count']} images in "
+        f"{report.shards_total} shards ({len(report.shards_skipped)} already done); "
+        f"{totals['failed_to_download']} failed to download, {totals['failed_to_resize']} failed to resize; "
+        f"stats in {report.stats_file}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Dagster's storage migrations log at INFO on every new instance; they are not news to a user.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    commands = {"download": _run_download, "demo": _run_demo}
+    if not argv or argv[0] not in commands:
+        print("usage: img2ds {download,demo} [options]   (img2ds download --help)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+def _run_demo(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="img2ds demo", description=run_demo.__doc__)
+    parser.parse_args(argv)
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

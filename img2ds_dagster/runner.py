@@ -1,0 +1,91 @@
+"""Materialize the assets in this process (``download()``, the CLI and the demo use it): stage a URL
+file as a ``url_tables`` partition, build its missing ``shards`` partitions in ranged runs, refresh
+``download_stats``. The same asset definitions run here as in the code location.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges
+from .defs.resources import StorageResource
+from .defs.shards import shards
+from .defs.stats import download_stats
+from .defs.url_tables import url_tables
+from .engine.sources import TableManifest
+
+log = logging.getLogger(__name__)
+
+ASSETS = [url_tables, shards, download_stats]
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+# Dagster's console logger prints every event at DEBUG; in-process callers want warnings only.
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class ShardsOutcome:
+    built: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+class AssetRunner:
+    """Runs the assets against one instance with one set of resources."""
+
+    def __init__(self, instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> None:
+        self.instance = instance
+        self.resources = dict(resources)
+
+    def _materialize(
+        self, asset: dg.AssetsDefinition, raise_on_error: bool = True, **kwargs: Any
+    ) -> dg.ExecuteInProcessResult:
+        """One in-process run; with ``raise_on_error`` the asset's own exception comes through."""
+        run_config = {**kwargs.pop("run_config", {}), **_QUIET}
+        return dg.materialize(
+            ASSETS,
+            selection=[asset],
+            instance=self.instance,
+            resources=self.resources,
+            run_config=run_config,
+            raise_on_error=raise_on_error,
+            **kwargs,
+        )
+
+    def stage_table(self, table: str, config: Mapping[str, Any]) -> TableManifest:
+        """Materialize ``url_tables[table]`` with this run config; raises what staging raised."""
+        self.instance.add_dynamic_partitions(URL_TABLES, [table])
+        self._materialize(
+            url_tables, partition_key=table, run_config={"ops": {"url_tables": {"config": dict(config)}}}
+        )
+        storage: StorageResource = self.resources["storage"]
+        return storage.staging_area().manifest(table)
+
+    def build_missing_shards(self, keys: Sequence[str], max_per_run: int | None = None) -> ShardsOutcome:
+        """Materialize the shards among ``keys`` that are not materialized yet."""
+        done = set(self.instance.get_materialized_partitions(shards.key) or ()) & set(keys)
+        outcome = self.build_shards([k for k in keys if k not in done], max_per_run)
+        outcome.skipped = [k for k in keys if k in done]
+        return outcome
+
+    def build_shards(self, keys: Sequence[str], max_per_run: int | None = None) -> ShardsOutcome:
+        """Materialize these shards, in runs over contiguous key ranges of ``max_per_run`` at most."""
+        ordered = self.instance.get_dynamic_partitions(SHARDS)
+        built: set[str] = set()
+        for first, last in contiguous_ranges(ordered, keys, max_per_run or max(1, len(keys))):
+            # A failed shard shows in its partition status and is reported below; it is not raised.
+            result = self._materialize(
+                shards, raise_on_error=False, tags={RANGE_START_TAG: first, RANGE_END_TAG: last}
+            )
+            built.update(e.partition for e in result.get_asset_materialization_events() if e.partition)
+        return ShardsOutcome(
+            built=[k for k in keys if k in built], failed=[k for k in keys if k not in built]
+        )
+
+    def refresh_stats(self) -> None:
+        self._materialize(download_stats)

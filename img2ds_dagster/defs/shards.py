@@ -32,7 +32,7 @@ with warnings.catch_warnings():
         deps=[dg.AssetDep(url_tables, partition_mapping=dg.SpecificPartitionsPartitionMapping([]))],
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_SHARDS_PER_RUN),
         retry_policy=dg.RetryPolicy(
-            max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+            max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
         ),
         pool="img2ds_download",
         output_required=False,
@@ -49,7 +49,7 @@ with warnings.catch_warnings():
             context.log.info(f"retry {context.retry_number}: skipping {len(done)} shards finished before")
         jobs = {shard_job(key): key for key in keys if key not in done}
         failed: dict[str, ShardError] = {}
-        for job, result in build_shards(storage.staging, list(jobs), workers.workers()):
+        for job, result in build_shards(storage.staging_area().root, list(jobs), workers.workers()):
             key = jobs[job]
             if isinstance(result, ShardError):
                 failed[key] = result

@@ -10,6 +10,7 @@ import dagster as dg
 
 from ..config import UrlTableConfig
 from ..engine.sources import TableManifest
+from ..engine.storage import absolute
 from ..errors import StagingMissingError
 from .partitions import SHARDS, chunked, shard_key, url_tables_partitions
 from .resources import StorageResource
@@ -34,7 +35,7 @@ def url_tables(
         table,
         source=config.source or storage.inbox_file(table),
         settings=config.to_settings(),
-        output_folder=config.output_folder or storage.dataset_folder(table),
+        output_folder=absolute(config.output_folder or storage.dataset_folder(table)),
         first_shard_id=config.first_shard_id,
     )
     keys = shard_keys(manifest)

@@ -131,6 +131,12 @@ class ImageProcessor:
         self._params = [int(flag), settings.encode_quality]
 
     def process(self, raw: bytes, header: ImageHeader | None = None) -> ProcessedImage:
+        try:
+            return self._process(raw, header)
+        except cv2.error as err:  # e.g. a side over the encoder's limit (JPEG: 65535 pixels)
+            raise ImageError(f"OpenCV error: {err.err}") from None
+
+    def _process(self, raw: bytes, header: ImageHeader | None) -> ProcessedImage:
         s = self.settings
         header = header if header is not None else probe(raw)
         if header is not None:
@@ -177,10 +183,7 @@ class ImageProcessor:
         return img
 
     def _decode_unchanged(self, raw: bytes) -> Image:
-        try:
-            img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
-        except cv2.error as err:  # OpenCV's own pixel limit and codec errors
-            raise ImageError(f"Image decoding error: {err.err}") from None
+        img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None or img.size == 0:
             raise ImageError("Image decoding error")
         return _as_8bit_without_alpha(img)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputTableError, StagingMissingError
 from .settings import DownloadSettings, shard_name
-from .storage import join, read_json, write_bytes_atomic, write_json_atomic
+from .storage import absolute, join, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,8 @@ class Staging:
     """The staging area: ``<root>/<table>/table.json`` and ``<root>/<table>/shards/<shard>.parquet``."""
 
     def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/")
+        # Absolute now: worker processes and later calls must not depend on the current folder.
+        self.root = absolute(root).rstrip("/")
 
     def table_dir(self, table: str) -> str:
         return join(self.root, table)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imageserver import ImageServer  # noqa: E402
+# pytest puts this folder on sys.path (tests/ is not a package), so the server module imports as is.
+from imageserver import ImageServer
 
 # The server's routes that give a real image, with the size it has.
 GOOD_IMAGES = {
@@ -48,6 +46,7 @@ def server() -> Iterator[ImageServer]:
 def write_url_file(
     path: Path,
     urls: Sequence[str],
+    *,
     captions: Sequence[str] | None = None,
     extra: dict[str, Sequence[Any]] | None = None,
     url_col: str = "url",

@@ -11,19 +11,12 @@ import dagster as dg
 from .defs.resources import StorageResource, WorkersResource
 from .defs.sensors import new_shards_sensor, url_drop_sensor
 from .defs.shards import shards
-from .defs.stats import download_stats
+from .defs.stats import download_stats, download_stats_sensor
 from .defs.url_tables import url_tables
-
-stats_automation = dg.AutomationConditionSensorDefinition(
-    "img2ds_stats_automation",
-    target=dg.AssetSelection.assets(download_stats),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=60,
-)
 
 defs = dg.Definitions(
     assets=[url_tables, shards, download_stats],
-    sensors=[url_drop_sensor, new_shards_sensor, stats_automation],
+    sensors=[url_drop_sensor, new_shards_sensor, download_stats_sensor],
     resources={
         "storage": StorageResource(
             inbox=os.environ.get("IMG2DS_INBOX", "data/inbox"),

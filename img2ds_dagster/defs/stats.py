@@ -10,13 +10,6 @@ from ..engine.storage import join, write_json_atomic
 from .resources import StorageResource
 from .shards import shards
 
-# Refresh after shards change, at most every few minutes, and never two at once.
-STATS_AUTOMATION = (
-    dg.AutomationCondition.cron_tick_passed("*/5 * * * *").since_last_handled()  # type: ignore[misc]
-    & dg.AutomationCondition.any_deps_updated().since_last_handled()
-    & ~dg.AutomationCondition.in_progress()
-)
-
 
 def collect_stats(storage: StorageResource) -> DatasetStats:
     """Read the stats file of every shard of every staged table."""
@@ -32,7 +25,6 @@ def collect_stats(storage: StorageResource) -> DatasetStats:
 
 @dg.asset(
     deps=[shards],
-    automation_condition=STATS_AUTOMATION,
     group_name="img2ds",
     kinds={"polars"},
     description="Totals, success rate, error breakdown and throughput over all shards, per table.",
@@ -56,4 +48,26 @@ def download_stats(context: dg.AssetExecutionContext, storage: StorageResource) 
             "summary": dg.MetadataValue.md(stats.markdown()),
             "stats_file": dg.MetadataValue.path(path),
         }
+    )
+
+
+@dg.sensor(
+    target=[download_stats],
+    minimum_interval_seconds=120,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Refreshes download_stats when shards were materialized since its last refresh.",
+)
+def download_stats_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+    # The cursor is the newest shard materialization a refresh was requested for: the refresh reads
+    # the files after that, and any later shard has a larger storage id, so none is ever missed.
+    # (An automation condition with since_last_handled drops an update that lands on the tick right
+    # after a request.)
+    latest = context.instance.fetch_materializations(shards.key, limit=1).records
+    if not latest:
+        return dg.SkipReason("no shard materialized yet")
+    newest = latest[0].storage_id
+    if context.cursor is not None and newest <= int(context.cursor):
+        return dg.SkipReason("no shard materialized since the last refresh")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"download_stats@{newest}")], cursor=str(newest)
     )

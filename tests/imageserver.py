@@ -250,6 +250,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         with self._conn_lock:
             self._connections.add(request)
+            self.owner.connections += 1
         try:
             super().finish_request(request, client_address)
         finally:
@@ -495,11 +496,13 @@ class ImageServer:
 
     Attributes:
         hits: requests per request target (path plus query, as sent).
+        connections: TCP connections accepted so far (keep-alive reuse shows as fewer of them).
         last_user_agent: User-Agent of the latest ``/echo-ua.jpg`` request, or None.
     """
 
     def __init__(self) -> None:
         self.hits = Hits()
+        self.connections = 0
         self.last_user_agent: str | None = None
         self.assets = _Assets()
         self._flaky_lock = threading.Lock()

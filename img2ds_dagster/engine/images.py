@@ -138,6 +138,8 @@ class ImageProcessor:
 
     def _process(self, raw: bytes, header: ImageHeader | None) -> ProcessedImage:
         s = self.settings
+        if not raw:  # an empty 200 response
+            raise ImageError("Image decoding error")
         header = header if header is not None else probe(raw)
         if header is not None:
             self._check(header.width, header.height)

@@ -5,7 +5,6 @@ validate them, and stage them as one parquet file of input rows per shard plus a
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import math
@@ -33,8 +32,8 @@ MANIFEST_NAME = "table.json"
 def _read_txt(f: IO[bytes]) -> pa.Table:
     # One URL per line. img2dataset parses txt as a one-column CSV, which splits URLs at commas and
     # quotes; reading lines keeps such URLs whole and is otherwise the same.
-    lines = [line.strip() for line in io.TextIOWrapper(f, encoding="utf-8")]
-    return pa.table({"url": [line for line in lines if line]})
+    lines = (line.strip() for line in f.read().decode("utf-8-sig").splitlines())
+    return pa.table({"url": pa.array([line for line in lines if line], pa.string())})
 
 
 def _read_csv(f: IO[bytes]) -> pa.Table:

@@ -1,0 +1,243 @@
+"""``download()`` and ``img2ds download``: img2dataset's entry points, running the Dagster assets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
+from imageserver import ImageServer
+
+import img2ds_dagster.engine.shard as engine_shard
+from img2ds_dagster import download
+from img2ds_dagster.engine.sources import INPUT_FORMATS
+from img2ds_dagster.errors import ConfigError, InputTableError, ShardError
+
+FAST = {"thread_count": 8, "timeout": 2}
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def rows(folder: Path) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for path in sorted(folder.glob("*.parquet")):
+        out += pq.read_table(path).to_pylist()
+    return out
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet", "dummy"])
+def test_output_layout_is_img2datasets(server: ImageServer, tmp_path: Path, output_format: str) -> None:
+    urls = [server.url(p) for p in (*GOOD_IMAGES, *BAD_IMAGES)]
+    url_list = write_url_file(tmp_path / "urls.txt", urls)
+    out = tmp_path / "out"
+    report = download(
+        url_list=str(url_list),
+        output_folder=str(out),
+        output_format=output_format,
+        number_sample_per_shard=6,
+        **FAST,
+    )
+    expected = {
+        "files": ["00000", "00000.parquet", "00000_stats.json", "00001", "00001.parquet", "00001_stats.json"],
+        "webdataset": ["00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar"],
+        "parquet": ["00000.parquet", "00000_stats.json", "00001.parquet", "00001_stats.json"],
+        "dummy": ["00000_stats.json", "00001_stats.json"],
+    }[output_format]
+    if output_format == "webdataset":
+        expected = [*expected, "00001_stats.json"]
+    assert visible(out) == sorted(expected)
+    assert (out / ".img2ds").is_dir()
+    assert report.shards_built == ["urls/00000", "urls/00001"]
+    assert report.totals["count"] == len(urls)
+    assert report.totals["successes"] == len(GOOD_IMAGES)
+    if output_format != "dummy":
+        assert [r["url"] for r in rows(out)] == urls
+        assert [r["key"] for r in rows(out)] == [f"00000{i}" for i in range(6)] + [
+            f"00001{i}" for i in range(5)
+        ]
+    if output_format == "files":
+        assert sorted(p.name for p in (out / "00000").iterdir())[:2] == ["000000.jpg", "000000.json"]
+
+
+@pytest.mark.parametrize("fmt", INPUT_FORMATS)
+def test_every_input_format(server: ImageServer, tmp_path: Path, fmt: str) -> None:
+    urls = [server.url(f"/gen/{30 + i}x40.jpg") for i in range(3)]
+    with_captions = not fmt.startswith("txt")
+    url_list = write_url_file(
+        tmp_path / f"list.{fmt}", urls, captions=["one", "two", "three"] if with_captions else None
+    )
+    download(
+        url_list=str(url_list),
+        input_format=fmt,
+        output_folder=str(tmp_path / "out"),
+        output_format="webdataset",
+        caption_col="caption" if with_captions else None,
+        **FAST,
+    )
+    got = rows(tmp_path / "out")
+    assert [r["status"] for r in got] == ["success"] * 3
+    if with_captions:
+        assert [r["caption"] for r in got] == ["one", "two", "three"]
+        with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+            assert tar.extractfile("000000002.txt").read() == b"three"  # type: ignore[union-attr]
+
+
+def test_a_folder_of_files_numbers_shards_across_files(server: ImageServer, tmp_path: Path) -> None:
+    folder = tmp_path / "lists"
+    write_url_file(folder / "part_a.csv", [server.url("/gen/11x11.jpg")] * 2, captions=["a1", "a2"])
+    write_url_file(folder / "part_b.csv", [server.url("/gen/12x12.jpg")], captions=["b1"])
+    write_url_file(folder / "ignored.txt", [server.url("/gen/13x13.jpg")])
+    out = tmp_path / "out"
+    download(
+        url_list=str(folder),
+        input_format="csv",
+        caption_col="caption",
+        output_folder=str(out),
+        output_format="webdataset",
+        number_sample_per_shard=2,
+        **FAST,
+    )
+    assert visible(out) == [f"0000{i}{ext}" for i in (0, 1) for ext in (".parquet", ".tar", "_stats.json")]
+    assert [r["caption"] for r in rows(out)] == ["a1", "a2", "b1"]
+    assert [r["key"] for r in rows(out)] == ["000000", "000001", "000010"]
+
+
+def test_a_second_call_skips_finished_shards(server: ImageServer, tmp_path: Path) -> None:
+    paths = [f"/gen/{20 + i}x20.jpg?incremental=1" for i in range(4)]
+    url_list = write_url_file(tmp_path / "urls.txt", [server.url(p) for p in paths])
+    args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
+    first = download(**args, **FAST)  # type: ignore[arg-type]
+    stats_mtime = (tmp_path / "out" / "00000_stats.json").stat().st_mtime_ns
+    hits = [server.hits[p] for p in paths]
+    second = download(**args, **FAST)  # type: ignore[arg-type]
+    assert (first.shards_built, first.shards_skipped) == (["urls/00000", "urls/00001"], [])
+    assert (second.shards_built, second.shards_skipped) == ([], ["urls/00000", "urls/00001"])
+    assert [server.hits[p] for p in paths] == hits  # nothing downloaded again
+    assert (tmp_path / "out" / "00000_stats.json").stat().st_mtime_ns == stats_mtime
+    assert second.totals["successes"] == 4
+
+
+@pytest.mark.slow
+def test_a_failed_shard_is_reported_and_retried_alone_on_the_next_call(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [f"/gen/{40 + i}x30.jpg?retry=1" for i in range(6)]
+    url_list = write_url_file(tmp_path / "urls.txt", [server.url(p) for p in paths])
+    args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
+    real_build = engine_shard.build_shard
+
+    def disk_full_on_shard_1(staging, table, shard_id, workers):  # type: ignore[no-untyped-def]
+        if shard_id == 1:
+            raise OSError(28, "No space left on device")
+        return real_build(staging, table, shard_id, workers)
+
+    monkeypatch.setattr(engine_shard, "build_shard", disk_full_on_shard_1)
+    with pytest.raises(ShardError, match=r"1 of 3 shards could not be built \(urls/00001\)"):
+        download(**args, **FAST)  # type: ignore[arg-type]
+    assert not (tmp_path / "out" / "00001_stats.json").exists()
+    assert (tmp_path / "out" / "00002_stats.json").exists()
+
+    monkeypatch.setattr(engine_shard, "build_shard", real_build)
+    hits = {p: server.hits[p] for p in paths}
+    report = download(**args, **FAST)  # type: ignore[arg-type]
+    assert report.shards_built == ["urls/00001"]
+    assert [server.hits[p] - hits[p] for p in paths] == [0, 0, 1, 1, 0, 0]
+
+
+def test_captions_off_and_extra_columns(server: ImageServer, tmp_path: Path) -> None:
+    url_list = write_url_file(
+        tmp_path / "urls.parquet",
+        [server.url("/gen/21x21.jpg")],
+        captions=["hidden"],
+        extra={"license": ["cc-by"], "score": [0.5]},
+    )
+    download(
+        url_list=str(url_list),
+        input_format="parquet",
+        output_folder=str(tmp_path / "out"),
+        output_format="webdataset",
+        save_additional_columns=["license", "score"],
+        extract_exif=False,
+        compute_hash="md5",
+        **FAST,
+    )
+    (row,) = rows(tmp_path / "out")
+    assert list(row) == [
+        *("license", "score", "url", "key", "status", "error_message"),
+        *("width", "height", "original_width", "original_height", "md5"),
+    ]
+    assert (row["license"], row["score"]) == ("cc-by", 0.5)
+    with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
+        assert tar.getnames() == ["000000000.jpg", "000000000.json"]
+        assert json.loads(tar.extractfile("000000000.json").read())["license"] == "cc-by"  # type: ignore[union-attr]
+
+
+def test_relative_paths(server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_url_file(tmp_path / "urls.txt", [server.url("/gen/22x22.jpg")])
+    report = download(url_list="urls.txt", output_folder="images", **FAST)
+    assert report.output_folder == str(tmp_path / "images")
+    assert visible(tmp_path / "images") == ["00000", "00000.parquet", "00000_stats.json"]
+
+
+def test_bad_input_is_reported_before_anything_is_written(tmp_path: Path) -> None:
+    url_list = write_url_file(tmp_path / "urls.csv", ["http://127.0.0.1:9/a.jpg"])
+    with pytest.raises(InputTableError, match="missing column"):
+        download(
+            url_list=str(url_list), input_format="csv", caption_col="text", output_folder=str(tmp_path / "o1")
+        )
+    with pytest.raises(ConfigError, match=r"^resize_mode"):
+        download(
+            url_list=str(url_list), input_format="csv", resize_mode="fit", output_folder=str(tmp_path / "o2")
+        )
+    assert not (tmp_path / "o2").exists()
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "img2ds_dagster.cli", *args]
+    return subprocess.run(
+        command, check=False, cwd=cwd, capture_output=True, text=True, timeout=120, env=os.environ.copy()
+    )
+
+
+def test_cli_takes_img2datasets_flags(server: ImageServer, tmp_path: Path) -> None:
+    write_url_file(tmp_path / "urls.txt", [server.url("/robots/noai.jpg"), server.url("/gen/300x100.jpg")])
+    result = run_cli(
+        "download",
+        "--url_list=urls.txt",
+        "--output_folder=out",
+        "--output_format",
+        "webdataset",
+        "--disallowed_header_directives=[]",
+        "--resize_mode=keep_ratio",
+        "--image_size=64",
+        "--resize_only_if_bigger",
+        "--thread_count=4",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 images in 1 shards" in result.stdout
+    got = rows(tmp_path / "out")
+    assert [r["status"] for r in got] == ["success", "success"]  # the opt-out header was ignored
+    assert (got[1]["width"], got[1]["height"]) == (192, 64)
+
+
+def test_cli_reports_bad_options(tmp_path: Path) -> None:
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    bad = run_cli("download", "--url_list=urls.txt", "--encode_format=gif", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "encode_format: must be one of" in bad.stderr
+    later = run_cli("download", "--url_list=urls.txt", "--enable_wandb=True", cwd=tmp_path)
+    assert later.returncode == 2
+    assert "enable_wandb=True is not supported yet" in later.stderr
+    typo = run_cli("download", "--url_list=urls.txt", "--image_sise=3", cwd=tmp_path)
+    assert typo.returncode == 2
+    assert "unrecognized arguments: --image_sise=3" in typo.stderr

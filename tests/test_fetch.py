@@ -1,0 +1,181 @@
+"""The fetcher against a real loopback server: deadlines, caps, redirects, opt-outs, retries."""
+
+from __future__ import annotations
+
+import time
+from email.message import Message
+from urllib.parse import quote
+
+import pytest
+from imageserver import ImageServer
+
+from img2ds_dagster.engine.fetch import Fetcher, is_disallowed
+from img2ds_dagster.engine.settings import FetchSettings
+
+
+def fetch(url: str, **settings: object) -> tuple[bytes | None, str | None]:
+    fetcher = Fetcher(FetchSettings(**settings))  # type: ignore[arg-type]
+    try:
+        result = fetcher.fetch(url)
+    finally:
+        fetcher.close()
+    return result.data, result.error
+
+
+def test_downloads_an_image(server: ImageServer) -> None:
+    data, error = fetch(server.url("/gen/64x48.jpg"))
+    assert error is None
+    assert data is not None
+    assert data[:2] == b"\xff\xd8"
+
+
+def test_http_errors_use_urllib_wording(server: ImageServer) -> None:
+    assert fetch(server.url("/status/404")) == (None, "HTTP Error 404: Not Found")
+
+
+@pytest.mark.parametrize("path", ["/slow.jpg", "/slow-headers.jpg"])
+def test_a_server_dripping_bytes_hits_the_total_deadline(server: ImageServer, path: str) -> None:
+    # Each byte arrives well within any per-read timeout; only a total deadline stops this.
+    started = time.monotonic()
+    data, error = fetch(server.url(path), timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert (data, error) == (None, "timed out")
+    assert 0.9 < elapsed < 2.0
+
+
+def test_declared_body_over_the_cap_is_not_downloaded(server: ImageServer) -> None:
+    started = time.monotonic()
+    data, error = fetch(server.url("/huge"), max_download_bytes=1_000_000)
+    assert data is None
+    assert error == "body of 10737418240 bytes is over the 1000000-byte limit"
+    assert time.monotonic() - started < 1.0
+
+
+def test_chunked_body_over_the_cap_stops_at_the_cap(server: ImageServer) -> None:
+    data, error = fetch(server.url("/huge-chunked"), max_download_bytes=300_000)
+    assert data is None
+    assert error == "body is over the 300000-byte limit"
+
+
+def test_short_body_is_an_error(server: ImageServer) -> None:
+    assert fetch(server.url("/close-early.jpg")) == (None, "connection closed before the whole body arrived")
+
+
+def test_redirects_are_followed_up_to_the_limit(server: ImageServer) -> None:
+    data, error = fetch(server.url("/redirect/3/gen/20x10.jpg"))
+    assert error is None
+    assert data is not None
+    assert fetch(server.url("/redirect/3/gen/20x10.jpg"), max_redirects=2) == (
+        None,
+        "too many redirects (more than 2)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "scheme"), [("ftp://127.0.0.1/x.jpg", "ftp"), ("file:///etc/passwd", "file")]
+)
+def test_redirects_to_other_schemes_are_refused(server: ImageServer, target: str, scheme: str) -> None:
+    data, error = fetch(server.url(f"/redirect-to?url={quote(target, safe='')}"))
+    assert data is None
+    assert error == f"redirect to a {scheme} URL refused: only http and https"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/a.jpg", "unsupported URL scheme 'ftp': only http and https"),
+        ("file:///etc/passwd", "unsupported URL scheme 'file': only http and https"),
+        ("not a url", "unsupported URL scheme '(none)': only http and https"),
+        ("http:///no-host.jpg", "invalid URL: no host"),
+        ("http://127.0.0.1:99999/a.jpg", "invalid URL: Port out of range 0-65535"),
+    ],
+)
+def test_only_http_and_https_urls_are_fetched(url: str, message: str) -> None:
+    assert fetch(url) == (None, message)
+
+
+def test_refused_connection_is_an_error() -> None:
+    # Port 1 on loopback: nothing listens there.
+    assert fetch("http://127.0.0.1:1/a.jpg") == (None, "connection refused")
+
+
+@pytest.mark.parametrize(
+    ("directive", "token", "disallowed"),
+    [
+        ("noai", None, True),
+        ("noimageai", None, True),
+        ("noindex", None, True),
+        ("none", None, False),
+        ("otherbot: noai", None, False),
+        ("otherbot: noai", "otherbot", True),
+    ],
+)
+def test_x_robots_tag_opt_outs(
+    server: ImageServer, directive: str, token: str | None, disallowed: bool
+) -> None:
+    data, error = fetch(server.url(f"/robots/{quote(directive)}.jpg"), user_agent_token=token)
+    if disallowed:
+        assert (data, error) == (None, "Use of image disallowed by X-Robots-Tag directive")
+    else:
+        assert error is None
+        assert data is not None
+
+
+def test_opt_outs_can_be_ignored(server: ImageServer) -> None:
+    data, error = fetch(server.url("/robots/noai.jpg"), disallowed_header_directives=())
+    assert error is None
+    assert data is not None
+
+
+def test_x_robots_tag_rule_matches_img2dataset() -> None:
+    headers = Message()
+    headers["X-Robots-Tag"] = "img2dataset: noai"
+    headers["X-Robots-Tag"] = "index"
+    directives = frozenset({"noai"})
+    assert is_disallowed(headers, "img2dataset", directives)
+    assert not is_disallowed(headers, "otherbot", directives)
+    assert not is_disallowed(headers, None, directives)
+
+
+def test_user_agent_carries_the_token(server: ImageServer) -> None:
+    fetch(server.url("/echo-ua.jpg"), user_agent_token="MyCrawler")
+    assert server.last_user_agent is not None
+    assert "(compatible; MyCrawler; +https://github.com/rom1504/img2dataset)" in server.last_user_agent
+
+
+def test_transient_failures_are_retried(server: ImageServer) -> None:
+    path = "/flaky/2/gen/16x16.jpg?case=retried"
+    data, error = fetch(server.url(path), retries=2)
+    assert error is None
+    assert data is not None
+    assert server.hits[path] == 3
+
+
+def test_permanent_failures_are_not_retried(server: ImageServer) -> None:
+    path = "/status/404?case=not-retried"
+    fetch(server.url(path), retries=3)
+    assert server.hits[path] == 1
+
+
+def test_without_retries_a_transient_failure_is_final(server: ImageServer) -> None:
+    assert fetch(server.url("/flaky/1/gen/16x16.jpg?case=final")) == (
+        None,
+        "HTTP Error 503: Service Unavailable",
+    )
+
+
+def test_connections_are_reused_across_requests(server: ImageServer) -> None:
+    fetcher = Fetcher(FetchSettings())
+    try:
+        before = server.connections
+        for i in range(5):
+            assert fetcher.fetch(server.url(f"/gen/8x8.jpg?reuse={i}")).error is None
+        assert server.connections - before == 1
+    finally:
+        fetcher.close()
+
+
+def test_non_ascii_urls_are_percent_encoded(server: ImageServer) -> None:
+    data, error = fetch(server.url("/gen/12x12.jpg?caption=café au lait"))
+    assert error is None
+    assert data is not None

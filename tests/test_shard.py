@@ -1,0 +1,129 @@
+"""Whole shards through the engine (no Dagster): every input row once, with a status."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
+from imageserver import ImageServer
+
+from img2ds_dagster.engine.settings import DownloadSettings
+from img2ds_dagster.engine.shard import ShardJob, Workers, build_shard, build_shards
+from img2ds_dagster.engine.sources import Staging, TableManifest
+from img2ds_dagster.errors import ShardError
+
+WORKERS = Workers(thread_count=8)
+
+
+def stage(tmp_path: Path, urls: list[str], name: str = "t", **flags: object) -> tuple[Staging, TableManifest]:
+    path = write_url_file(
+        tmp_path / f"{name}.csv",
+        urls,
+        captions=[f"caption {i}" for i in range(len(urls))],
+        extra={"rank": list(range(len(urls)))},
+    )
+    settings = DownloadSettings.from_flags(
+        caption_col="caption", save_additional_columns=["rank"], timeout=2, **flags
+    )
+    staging = Staging(str(tmp_path / "staging"))
+    return staging, staging.stage(name, str(path), settings, str(tmp_path / "out" / name))
+
+
+def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: Path) -> None:
+    paths = [*GOOD_IMAGES, *BAD_IMAGES, "/slow.jpg"]
+    urls = [server.url(p) for p in paths] + ["", "ftp://127.0.0.1/a.jpg"]
+    staging, _manifest = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=100)
+    result = build_shard(staging, "t", 0, WORKERS)
+
+    table = pq.read_table(tmp_path / "out" / "t" / "00000.parquet")
+    rows = table.to_pylist()
+    assert [r["url"] for r in rows] == urls
+    assert [r["key"] for r in rows] == [f"00000{i:02d}" for i in range(len(urls))]  # ceil(log10(100)) = 2
+    assert [r["rank"] for r in rows] == list(range(len(urls)))
+    expected = ["success"] * len(GOOD_IMAGES) + list(BAD_IMAGES.values()) + ["failed_to_download"] * 3
+    assert [r["status"] for r in rows] == expected
+    by_path = {p: r for p, r in zip(paths, rows, strict=False)}
+    assert by_path["/slow.jpg"]["error_message"] == "timed out"
+    assert rows[-2]["error_message"] == "empty URL"
+    for path, (width, height) in GOOD_IMAGES.items():
+        row = by_path[path]
+        assert (row["original_width"], row["original_height"], row["width"], row["height"]) == (
+            width,
+            height,
+            256,
+            256,
+        )
+        assert row["error_message"] is None
+        assert len(row["sha256"]) == 64
+        assert row["exif"] is not None
+    assert all(r["width"] is None and r["sha256"] is None for r in rows if r["status"] != "success")
+
+    stats = json.loads((tmp_path / "out" / "t" / "00000_stats.json").read_text())
+    assert list(stats) == [
+        *("count", "successes", "failed_to_download", "failed_to_resize"),
+        *("duration", "start_time", "end_time", "status_dict"),
+    ]
+    assert (stats["count"], stats["successes"]) == (len(urls), len(GOOD_IMAGES))
+    assert stats["status_dict"]["success"] == len(GOOD_IMAGES)
+    assert stats["status_dict"]["HTTP Error 404: Not Found"] == 1
+    assert result.stats.to_json()["count"] == len(urls)
+
+    with tarfile.open(tmp_path / "out" / "t" / "00000.tar") as tar:
+        assert [n for n in tar.getnames() if n.endswith(".jpg")] == [
+            f"00000{i:02d}.jpg" for i in range(len(GOOD_IMAGES))
+        ]
+        assert tar.extractfile("0000000.txt").read() == b"caption 0"  # type: ignore[union-attr]
+
+
+def test_keys_follow_img2dataset_digits(server: ImageServer, tmp_path: Path) -> None:
+    urls = [server.url("/gen/10x10.jpg")] * 3
+    staging, _manifest = stage(tmp_path, urls, number_sample_per_shard=2, oom_shard_count=3)
+    build_shard(staging, "t", 1, WORKERS)
+    keys = pq.read_table(tmp_path / "out" / "t" / "001.parquet").column("key").to_pylist()
+    # ceil(log10(2)) = 1 digit of index after 3 digits of shard id, as img2dataset names them.
+    assert keys == ["0010"]
+    assert sorted(p.name for p in (tmp_path / "out" / "t" / "001").iterdir()) == [
+        "0010.jpg",
+        "0010.json",
+        "0010.txt",
+    ]
+
+
+def test_shards_build_in_parallel_processes_and_a_broken_one_is_reported(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    urls = [server.url(f"/gen/{20 + i}x{30 + i}.jpg") for i in range(8)]
+    staging, manifest = stage(tmp_path, urls, number_sample_per_shard=2, output_format="parquet")
+    Path(staging.shard_path("t", "00002")).unlink()
+    jobs = [ShardJob("t", i) for i in manifest.shard_ids]
+    results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, processes_count=2)))
+    assert set(results) == set(jobs)
+    failed = results[ShardJob("t", 2)]
+    assert isinstance(failed, ShardError)
+    assert "shard t/00002" in str(failed)
+    assert "re-materialize url_tables[t]" in str(failed)
+    for job in jobs:
+        if job.shard_id != 2:
+            assert not isinstance(results[job], ShardError)
+            assert results[job].stats.successes == 2  # type: ignore[union-attr]
+    assert not (tmp_path / "out" / "t" / "00002_stats.json").exists()
+
+
+def test_rebuilding_gives_byte_identical_shards(server: ImageServer, tmp_path: Path) -> None:
+    urls = [server.url(p) for p in (*GOOD_IMAGES, *BAD_IMAGES)]
+    staging, _ = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=100)
+    build_shard(staging, "t", 0, WORKERS)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out" / "t").iterdir() if p.suffix != ".json"}
+    build_shard(staging, "t", 0, Workers(thread_count=3))
+    second = {p.name: p.read_bytes() for p in (tmp_path / "out" / "t").iterdir() if p.suffix != ".json"}
+    assert first == second
+
+
+def test_unknown_shard_id_is_a_shard_error(server: ImageServer, tmp_path: Path) -> None:
+    staging, _ = stage(tmp_path, [server.url("/gen/10x10.jpg")])
+    with pytest.raises(ShardError, match="table 't' has shards range"):
+        build_shard(staging, "t", 5, WORKERS)

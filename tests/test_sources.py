@@ -1,0 +1,166 @@
+"""Reading URL files in every input format, validating them, and staging them as shards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_url_file
+
+from img2ds_dagster.engine.settings import DownloadSettings
+from img2ds_dagster.engine.sources import (
+    INPUT_FORMATS,
+    Staging,
+    input_format_of,
+    list_input_files,
+    read_table,
+    table_key,
+)
+from img2ds_dagster.errors import InputTableError, StagingMissingError
+
+URLS = [f"http://127.0.0.1:9/{i}.jpg" for i in range(7)]
+CAPTIONS = [f"caption {i}" for i in range(7)]
+
+
+def settings(**flags: object) -> DownloadSettings:
+    return DownloadSettings.from_flags(**flags)
+
+
+@pytest.mark.parametrize("fmt", INPUT_FORMATS)
+def test_every_input_format_reads_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    with_captions = not fmt.startswith("txt")
+    path = write_url_file(tmp_path / f"urls.{fmt}", URLS, captions=CAPTIONS if with_captions else None)
+    table = read_table(str(path), settings(caption_col="caption" if with_captions else None))
+    assert table.column("url").to_pylist() == URLS
+    if with_captions:
+        assert table.column_names == ["caption", "url"]
+        assert table.column("caption").to_pylist() == CAPTIONS
+
+
+def test_columns_are_renamed_and_ordered_like_img2dataset(tmp_path: Path) -> None:
+    path = write_url_file(
+        tmp_path / "urls.parquet",
+        URLS,
+        captions=CAPTIONS,
+        extra={"width_hint": list(range(7)), "license": ["cc0"] * 7, "ignored": [0] * 7},
+        url_col="URL",
+        caption_col="TEXT",
+    )
+    table = read_table(
+        str(path),
+        settings(url_col="URL", caption_col="TEXT", save_additional_columns=["license", "width_hint"]),
+    )
+    assert table.column_names == ["license", "width_hint", "caption", "url"]
+
+
+def test_txt_keeps_urls_with_commas_and_skips_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "urls.txt"
+    path.write_text("http://a/x,y.jpg\n\nhttp://b/z.jpg\r\n")
+    assert read_table(str(path), settings()).column("url").to_pylist() == [
+        "http://a/x,y.jpg",
+        "http://b/z.jpg",
+    ]
+
+
+def test_missing_column_names_the_file_and_the_column(tmp_path: Path) -> None:
+    path = write_url_file(tmp_path / "urls.csv", URLS, captions=CAPTIONS)
+    with pytest.raises(InputTableError) as err:
+        read_table(str(path), settings(caption_col="text"))
+    assert str(path) in str(err.value)
+    assert "missing column(s) ['text']" in str(err.value)
+    assert "['url', 'caption']" in str(err.value)
+
+
+def test_a_malformed_row_names_the_file_and_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "urls.csv"
+    path.write_text("url,caption\nhttp://a/1.jpg,one\nhttp://a/2.jpg,two,three\n")
+    with pytest.raises(InputTableError) as err:
+        read_table(str(path), settings())
+    assert str(path) in str(err.value)
+    assert "http://a/2.jpg,two,three" in str(err.value)
+
+
+def test_a_url_column_of_numbers_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "urls.jsonl"
+    path.write_text('{"url": 1}\n{"url": 2}\n')
+    with pytest.raises(InputTableError, match="the url column holds int64 values, not URLs"):
+        read_table(str(path), settings())
+
+
+def test_unsupported_and_unknown_formats(tmp_path: Path) -> None:
+    path = tmp_path / "urls.xlsx"
+    path.write_bytes(b"PK")
+    with pytest.raises(InputTableError, match="unknown input format"):
+        read_table(str(path), settings())
+    with pytest.raises(InputTableError, match="unsupported input_format 'xml'"):
+        read_table(str(path), settings(input_format="xml"))
+
+
+def test_corrupt_gzip_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "urls.csv.gz"
+    path.write_bytes(gzip.compress(b"url\nhttp://a/1.jpg\n")[:-12])
+    with pytest.raises(InputTableError, match=str(path)):
+        read_table(str(path), settings())
+
+
+def test_json_accepts_records_and_columns(tmp_path: Path) -> None:
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"url": u} for u in URLS]))
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"url": {str(i): u for i, u in enumerate(URLS)}}))
+    for path in (records, columns):
+        assert read_table(str(path), settings()).column("url").to_pylist() == URLS
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "key"),
+    [
+        ("laion_part1.parquet", "parquet", "laion_part1"),
+        ("cc 3m (train).tsv.gz", "tsv.gz", "cc_3m_train"),
+        ("s3://bucket/drops/urls.v2.jsonl", "jsonl", "urls.v2"),
+        ("notes.md", None, "notes"),
+    ],
+)
+def test_format_and_table_key_from_the_file_name(name: str, fmt: str | None, key: str) -> None:
+    assert input_format_of(name) == fmt
+    assert table_key(name) == key
+
+
+def test_a_folder_lists_its_files_of_the_format(tmp_path: Path) -> None:
+    for name in ("b.csv", "a.csv", "c.txt"):
+        write_url_file(tmp_path / name, URLS[:1])
+    assert [Path(p).name for p in list_input_files(str(tmp_path), "csv")] == ["a.csv", "b.csv"]
+    with pytest.raises(InputTableError, match=r"no \*\.parquet file"):
+        list_input_files(str(tmp_path), "parquet")
+    with pytest.raises(InputTableError, match="no such file or folder"):
+        list_input_files(str(tmp_path / "missing.csv"), "csv")
+
+
+def test_staging_cuts_shards_and_writes_the_manifest_last(tmp_path: Path) -> None:
+    path = write_url_file(tmp_path / "t.csv", URLS, captions=CAPTIONS)
+    staging = Staging(str(tmp_path / "staging"))
+    manifest = staging.stage(
+        "t", str(path), settings(caption_col="caption", number_sample_per_shard=3), str(tmp_path / "out"), 10
+    )
+    assert (manifest.row_count, manifest.shard_count, list(manifest.shard_ids)) == (7, 3, [10, 11, 12])
+    assert staging.tables() == ["t"]
+    assert staging.manifest("t") == manifest
+    rows = [
+        pq.read_table(staging.shard_path("t", manifest.shard_name(i))).num_rows for i in manifest.shard_ids
+    ]
+    assert rows == [3, 3, 1]
+    assert staging.shard_rows("t", "00012").column("url").to_pylist() == URLS[6:]
+    with pytest.raises(StagingMissingError, match="re-materialize url_tables"):
+        staging.shard_rows("t", "00013")
+    with pytest.raises(StagingMissingError, match="materialize url_tables\\[other\\] first"):
+        staging.manifest("other")
+
+
+def test_an_empty_file_stages_no_shard(tmp_path: Path) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    manifest = Staging(str(tmp_path / "staging")).stage("empty", str(path), settings(), str(tmp_path / "out"))
+    assert (manifest.row_count, manifest.shard_count) == (0, 0)

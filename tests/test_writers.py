@@ -1,0 +1,143 @@
+"""Each output format written, then read back; commits are atomic and outputs reproducible."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from img2ds_dagster.engine.settings import OutputSettings
+from img2ds_dagster.engine.writers import WRITERS, Sample, ShardTarget, metadata_schema, open_writer
+
+INPUT = pa.schema([("license", pa.string()), ("caption", pa.string()), ("url", pa.string())])
+
+
+def samples() -> list[Sample]:
+    out = []
+    for i in range(4):
+        ok = i != 2
+        meta = {
+            "license": "cc0",
+            "caption": f"a photo {i}",
+            "url": f"http://host/{i}.jpg",
+            "key": f"0000{i}",
+            "status": "success" if ok else "failed_to_download",
+            "error_message": None if ok else "HTTP Error 404: Not Found",
+            "width": 256 if ok else None,
+            "height": 256 if ok else None,
+            "original_width": 640 if ok else None,
+            "original_height": 480 if ok else None,
+            "exif": "{}" if ok else None,
+            "sha256": "ab" * 32 if ok else None,
+        }
+        out.append(Sample(f"0000{i}", meta, f"jpeg bytes {i}".encode() if ok else None, meta["caption"]))
+    return out
+
+
+def target(folder: Path, save_caption: bool = True) -> ShardTarget:
+    return ShardTarget(str(folder), "00000", metadata_schema(INPUT, OutputSettings()), "jpg", save_caption)
+
+
+def write(output_format: str, folder: Path, save_caption: bool = True) -> int:
+    with open_writer(output_format, target(folder, save_caption)) as writer:
+        for sample in samples():
+            writer.write(sample)
+        return writer.commit()
+
+
+def test_metadata_schema_is_img2datasets() -> None:
+    assert metadata_schema(INPUT, OutputSettings()).names == [
+        *("license", "caption", "url", "key", "status", "error_message"),
+        *("width", "height", "original_width", "original_height", "exif", "sha256"),
+    ]
+    no_extras = metadata_schema(INPUT, OutputSettings(extract_exif=False, compute_hash=None))
+    assert no_extras.names[-1] == "original_height"
+
+
+def assert_metadata_parquet(path: Path) -> None:
+    table = pq.read_table(path)
+    assert table.schema.names == metadata_schema(INPUT, OutputSettings()).names
+    assert table.column("key").to_pylist() == ["00000", "00001", "00002", "00003"]
+    assert table.column("status").to_pylist() == ["success", "success", "failed_to_download", "success"]
+    assert table.schema.field("width").type == pa.int32()
+
+
+def test_webdataset_round_trip(tmp_path: Path) -> None:
+    size = write("webdataset", tmp_path)
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        members = tar.getmembers()
+        names = [m.name for m in members]
+        assert names == [f"0000{i}.{ext}" for i in (0, 1, 3) for ext in ("jpg", "json", "txt")]
+        assert {(m.mtime, m.mode, m.uname, m.gname) for m in members} == {(0, 0o444, "bigdata", "bigdata")}
+        meta = json.loads(tar.extractfile("00001.json").read())  # type: ignore[union-attr]
+        assert list(meta)[:4] == ["license", "caption", "url", "key"]
+        assert meta["status"] == "success"
+        assert tar.extractfile("00001.jpg").read() == b"jpeg bytes 1"  # type: ignore[union-attr]
+        assert tar.extractfile("00003.txt").read() == b"a photo 3"  # type: ignore[union-attr]
+    assert_metadata_parquet(tmp_path / "00000.parquet")
+    assert size == (tmp_path / "00000.tar").stat().st_size + (tmp_path / "00000.parquet").stat().st_size
+
+
+def test_webdataset_without_captions_has_no_txt(tmp_path: Path) -> None:
+    write("webdataset", tmp_path, save_caption=False)
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        assert not [n for n in tar.getnames() if n.endswith(".txt")]
+
+
+def test_files_round_trip(tmp_path: Path) -> None:
+    write("files", tmp_path)
+    folder = tmp_path / "00000"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"0000{i}.{ext}" for i in (0, 1, 3) for ext in ("jpg", "json", "txt")
+    )
+    assert (folder / "00000.jpg").read_bytes() == b"jpeg bytes 0"
+    assert json.loads((folder / "00003.json").read_text())["key"] == "00003"
+    assert_metadata_parquet(tmp_path / "00000.parquet")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_files_rewrite_replaces_the_folder(tmp_path: Path) -> None:
+    write("files", tmp_path)
+    (tmp_path / "00000" / "stale.jpg").write_bytes(b"old")
+    write("files", tmp_path)
+    assert not (tmp_path / "00000" / "stale.jpg").exists()
+
+
+def test_parquet_round_trip(tmp_path: Path) -> None:
+    write("parquet", tmp_path)
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert table.schema.names == [*metadata_schema(INPUT, OutputSettings()).names, "jpg"]
+    assert table.column("jpg").to_pylist() == [b"jpeg bytes 0", b"jpeg bytes 1", None, b"jpeg bytes 3"]
+
+
+def test_dummy_writes_nothing(tmp_path: Path) -> None:
+    assert write("dummy", tmp_path) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_format", sorted(WRITERS))
+def test_a_failed_shard_leaves_no_file(tmp_path: Path, output_format: str) -> None:
+    def fail_half_way() -> None:
+        with open_writer(output_format, target(tmp_path)) as writer:
+            writer.write(samples()[0])
+            raise RuntimeError("the shard failed half way")
+
+    with pytest.raises(RuntimeError):
+        fail_half_way()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_same_samples_give_byte_identical_files(tmp_path: Path, output_format: str) -> None:
+    write(output_format, tmp_path / "a")
+    write(output_format, tmp_path / "b")
+    for path in sorted((tmp_path / "a").iterdir()):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+
+
+def test_every_output_format_has_a_writer() -> None:
+    assert set(WRITERS) == set(OutputSettings.FORMATS)

@@ -1,0 +1,36 @@
+# Everything runs from the project's own virtualenv (.venv) and Dagster instance (data/dagster).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# DAGSTER_HOME is this folder (it holds dagster.yaml); the sqlite storage lives in data/dagster.
+export DAGSTER_HOME := $(CURDIR)
+export IMG2DS_DAGSTER_STORAGE := $(CURDIR)/data/dagster
+
+.PHONY: setup demo dev test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Serve the bundled sample photos on 127.0.0.1 and download them through the Dagster assets.
+demo: setup
+	$(BIN)/img2ds demo
+
+# The Dagster UI and daemon (sensors, backfills) on http://127.0.0.1:3000
+dev: setup
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+lint: setup
+	$(BIN)/ruff check img2ds_dagster tests
+	$(BIN)/ruff format --check img2ds_dagster tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf data .pytest_cache .mypy_cache .ruff_cache

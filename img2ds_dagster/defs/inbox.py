@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
 from ..engine.sources import table_key
+from ..errors import ConfigError
 
 SETTINGS_SUFFIX = ".img2ds.toml"
 INBOX_SETTINGS = "img2ds.toml"
@@ -42,14 +44,23 @@ class DropCursor:
         return json.dumps({"mtime": self.mtime, "seen": sorted(self.seen)})
 
 
-def inbox_settings(path: str) -> dict[str, Any]:
+def inbox_settings(path: str, known: Collection[str]) -> dict[str, Any]:
     """Download options for a dropped file: the inbox's ``img2ds.toml``, overridden by the file's own
-    ``<name>.img2ds.toml`` (e.g. ``caption_col = "caption"``). Both are optional."""
+    ``<name>.img2ds.toml`` (e.g. ``caption_col = "caption"``). Both are optional; an option that is
+    not in ``known`` is an error naming the settings file."""
     folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
     settings: dict[str, Any] = {}
     for candidate in (f"{folder}/{INBOX_SETTINGS}", f"{folder}/{table_key(name)}{SETTINGS_SUFFIX}"):
         fs, p = fsspec.core.url_to_fs(candidate)
-        if fs.exists(p):
-            with fs.open(p, "rb") as f:
-                settings.update(tomllib.load(f))
+        if not fs.exists(p):
+            continue
+        with fs.open(p, "rb") as f:
+            try:
+                found = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"{candidate}: not valid TOML: {err}") from None
+        unknown = sorted(set(found) - set(known))
+        if unknown:
+            raise ConfigError(f"{candidate}: unknown option(s) {unknown}")
+        settings.update(found)
     return settings

@@ -34,7 +34,8 @@ class StorageResource(dg.ConfigurableResource):
         return self.stats_file or join(self.datasets, "download_stats.json")
 
     def inbox_files(self) -> list[tuple[str, float]]:
-        """URL files in the inbox, as (path, modification time); hidden and temporary files are skipped."""
+        """URL files in the inbox as (path, arrival time), oldest first; hidden and temporary files
+        are skipped."""
         fs, root = fsspec.core.url_to_fs(self.inbox)
         if not fs.exists(root):
             return []
@@ -43,10 +44,9 @@ class StorageResource(dg.ConfigurableResource):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if info["type"] != "file" or name.startswith((".", "_")) or input_format_of(name) is None:
                 continue
-            found.append(
-                (fs.unstrip_protocol(info["name"]) if "://" in self.inbox else info["name"], _mtime(info))
-            )
-        return sorted(found)
+            path = fs.unstrip_protocol(info["name"]) if "://" in self.inbox else info["name"]
+            found.append((path, _arrival(info)))
+        return sorted(found, key=lambda f: (f[1], f[0]))
 
     def inbox_file(self, table: str) -> str:
         """The inbox file whose name gives the partition key ``table``."""
@@ -60,9 +60,15 @@ class StorageResource(dg.ConfigurableResource):
         return matches[0]
 
 
-def _mtime(info: dict[str, object]) -> float:
-    # Local filesystems report "mtime"; object stores report "LastModified" (a datetime) or "mtime".
-    value = info.get("mtime", info.get("LastModified", info.get("last_modified", 0.0)))
+def _arrival(info: dict[str, object]) -> float:
+    """When a file arrived. Locally the later of mtime and ctime: ``mv`` and ``cp -p`` keep an old
+    mtime but set ctime, and a file moved in after a newer one must still count as new. Object
+    stores report the upload time ("LastModified", a datetime)."""
+    times = [info.get(k) for k in ("mtime", "created", "LastModified", "last_modified")]
+    return max((_seconds(t) for t in times if t is not None), default=0.0)
+
+
+def _seconds(value: object) -> float:
     timestamp = getattr(value, "timestamp", None)
     return float(timestamp()) if callable(timestamp) else float(value)  # type: ignore[arg-type]
 

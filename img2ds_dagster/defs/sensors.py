@@ -10,12 +10,13 @@ partitions, see the design findings).
 # decorated functions (context, config, resources) at definition time and needs real types.
 
 import time
-import tomllib
 
 import dagster as dg
+import pydantic
 
-from ..config import UrlTableConfig
-from ..engine.sources import table_key
+from ..config import DownloadConfig, UrlTableConfig
+from ..engine.sources import Staging, table_key
+from ..errors import ConfigError, Img2dsError, InputTableError, StagingMissingError
 from .inbox import DropCursor, inbox_settings
 from .partitions import SHARDS, contiguous_ranges, url_tables_partitions
 from .resources import StorageResource
@@ -37,38 +38,62 @@ def url_drop_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     cursor = DropCursor.parse(context.cursor)
     settled_before = time.time() - storage.inbox_settle_seconds
+    staging = storage.staging_area()
     requests: list[dg.RunRequest] = []
     new_keys: list[str] = []
-    for path, mtime in storage.inbox_files():
-        # A file still being copied in is left for a later tick.
-        if mtime > settled_before or not cursor.is_new(path, mtime):
+    skipped = 0
+    # Oldest first: the cursor is a high-water mark, so a younger file must not pass an older one.
+    for path, arrival in storage.inbox_files():
+        if arrival > settled_before:
+            break  # still being copied in, and so may be everything younger: next tick
+        if not cursor.is_new(path, arrival):
             continue
-        cursor.advance(path, mtime)
-        key = table_key(path)
-        if key in new_keys:
-            context.log.error(f"{path}: another new file also gives the table name {key!r}; skipped")
-            continue
+        cursor.advance(path, arrival)
         try:
-            config = UrlTableConfig(**{**inbox_settings(path), "source": path})
-        except (ValueError, TypeError, tomllib.TOMLDecodeError) as err:
-            context.log.error(f"{path}: bad settings file, skipped (fix it, then touch the URL file): {err}")
+            key, config = _drop_request(path, new_keys, staging)
+        except Img2dsError as err:
+            # Reported once and left behind: fix the file or its settings, then touch it.
+            context.log.error(f"{path}: skipped: {err}")
+            skipped += 1
             continue
         new_keys.append(key)
         requests.append(
             dg.RunRequest(
                 partition_key=key,
-                run_key=f"{path}@{mtime}",
+                run_key=f"{path}@{arrival}",
                 run_config={"ops": {"url_tables": {"config": config.model_dump(exclude_defaults=True)}}},
                 tags={"img2ds/table": key},
             )
         )
-    if not requests:
+    if not requests and not skipped:
         return dg.SkipReason(f"no new settled URL file in {storage.inbox}")
+    if not requests:  # the cursor still moves past the files that were reported
+        return dg.SensorResult(
+            skip_reason=f"{skipped} new file(s) skipped, see the log", cursor=cursor.dump()
+        )
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[url_tables_partitions.build_add_request(new_keys)],
         cursor=cursor.dump(),
     )
+
+
+def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, UrlTableConfig]:
+    """The table key and run config for a dropped file, or an error saying why it cannot be staged."""
+    key = table_key(path)
+    if key in taken:
+        raise InputTableError(f"another new file also gives the table name {key!r}; rename one of them")
+    try:
+        staged_from = staging.manifest(key).source
+    except StagingMissingError:
+        staged_from = path
+    if staged_from != path:
+        raise InputTableError(f"table {key!r} was staged from {staged_from}; rename this file")
+    try:
+        config = UrlTableConfig(**{**inbox_settings(path, DownloadConfig.model_fields), "source": path})
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"bad settings: {err}") from None
+    return key, config
 
 
 @dg.sensor(
@@ -87,9 +112,10 @@ def new_shards_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     # A run covers a range of keys in the order they were registered, which is not sorted order
     # when tables interleave: ranges are cut from that order.
     ordered = context.instance.get_dynamic_partitions(SHARDS)
+    # A table staged twice since the last tick gets its shards once, for its latest staging.
+    latest = {record.partition_key or "": record for record in result.records}
     requests = []
-    for record in result.records:
-        table = record.partition_key or ""
+    for table, record in latest.items():
         wanted = [k for k in ordered if k.startswith(table + "/")]
         for first, last in contiguous_ranges(ordered, wanted, MAX_SHARDS_PER_RUN):
             requests.append(

@@ -4,8 +4,6 @@ its shards' input rows with the table's settings, and registers the table's shar
 # No `from __future__ import annotations` here: Dagster reads the parameter annotations of the
 # decorated functions (context, config, resources) at definition time and needs real types.
 
-import json
-
 import dagster as dg
 
 from ..config import UrlTableConfig
@@ -64,7 +62,3 @@ def url_tables(
 
 def shard_keys(manifest: TableManifest) -> list[str]:
     return [shard_key(manifest.table, manifest.shard_name(i)) for i in manifest.shard_ids]
-
-
-def settings_json(manifest: TableManifest) -> str:
-    return json.dumps(manifest.settings.flat(), sort_keys=True)

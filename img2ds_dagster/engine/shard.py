@@ -220,10 +220,6 @@ class ShardJob:
     table: str
     shard_id: int
 
-    @property
-    def partition_key(self) -> str:
-        return f"{self.table}/{self.shard_id}"
-
 
 def build_shards(
     staging_root: str, jobs: Sequence[ShardJob], workers: Workers

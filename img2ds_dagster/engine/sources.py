@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -85,7 +85,8 @@ def table_key(path: str) -> str:
     name = path.rstrip("/").rsplit("/", 1)[-1]
     fmt = input_format_of(name)
     stem = name[: -len(fmt) - 1] if fmt else name.rsplit(".", 1)[0]
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")
+    # Letters and digits of any script stay (\w is Unicode-aware); anything else becomes "_".
+    key = re.sub(r"[^\w.-]+", "_", stem).strip("._-")
     if not key:
         raise InputTableError(f"{path}: cannot make a table name from this file name")
     return key
@@ -272,8 +273,3 @@ class Staging:
             raise StagingMissingError(
                 f"shard {table}/{name}: staged input {path} is missing; re-materialize url_tables[{table}]"
             ) from err
-
-
-def iter_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
-    """Rows as dicts, column order preserved."""
-    yield from table.to_pylist()

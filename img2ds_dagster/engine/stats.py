@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +44,6 @@ class ShardStats:
     @property
     def duration(self) -> float:
         return self.end_time - self.start_time
-
-    def failures_by_kind(self) -> dict[str, int]:
-        return {"failed_to_download": self.failed_to_download, "failed_to_resize": self.failed_to_resize}
 
     def top_errors(self, n: int = 5) -> list[tuple[str, int]]:
         return [(k, v) for k, v in self.status_dict.most_common() if k != "success"][:n]
@@ -180,17 +176,3 @@ def _error_counts(shards: pl.DataFrame) -> pl.DataFrame:
         schema={"table": pl.String, "error": pl.String, "count": pl.Int64},
     )
     return frame.sort(["count", "table", "error"], descending=[True, False, False])
-
-
-def summarize(stats: Iterable[ShardStats]) -> ShardStats:
-    """Sum of several shards' stats (used for a multi-shard run's log line)."""
-    total = ShardStats(start_time=float("inf"), end_time=float("-inf"))
-    for s in stats:
-        total.count += s.count
-        total.successes += s.successes
-        total.failed_to_download += s.failed_to_download
-        total.failed_to_resize += s.failed_to_resize
-        total.start_time = min(total.start_time, s.start_time)
-        total.end_time = max(total.end_time, s.end_time)
-        total.status_dict.update(s.status_dict)
-    return total

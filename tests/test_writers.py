@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -11,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2ds_dagster.engine.settings import OutputSettings
-from img2ds_dagster.engine.writers import WRITERS, Sample, ShardTarget, metadata_schema, open_writer
+from img2ds_dagster.engine.writers import (
+    WRITERS,
+    Sample,
+    ShardTarget,
+    UstarStream,
+    metadata_schema,
+    open_writer,
+)
 
 INPUT = pa.schema([("license", pa.string()), ("caption", pa.string()), ("url", pa.string())])
 
@@ -141,3 +149,24 @@ def test_same_samples_give_byte_identical_files(tmp_path: Path, output_format: s
 
 def test_every_output_format_has_a_writer() -> None:
     assert set(WRITERS) == set(OutputSettings.FORMATS)
+
+
+def test_tar_stream_is_byte_identical_to_tarfile() -> None:
+    members = [("000000000.jpg", b""), ("000000001.json", b"x" * 511), ("000000002.txt", b"y" * 512)]
+    members += [("000000003.webp", bytes(range(256)) * 5), ("000000004.jpg", b"z" * 10_000)]
+    ours = io.BytesIO()
+    stream = UstarStream(ours)
+    for name, data in members:
+        stream.add(name, data)
+    stream.close()
+    theirs = io.BytesIO()
+    with tarfile.open(fileobj=theirs, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "bigdata"
+            tar.addfile(info, io.BytesIO(data))
+    assert ours.getvalue() == theirs.getvalue()
+    assert stream.size == len(ours.getvalue())
+    with pytest.raises(ValueError, match="over 100 bytes"):
+        stream.add("k" * 101, b"")

@@ -9,9 +9,7 @@ byte-identical shards.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 from .settings import OutputSettings
 from .storage import AtomicFolder, atomic_open, join
 
-TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter would stamp the current time
+TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter stamps the current time
 TAR_OWNER = "bigdata"  # webdataset's default owner, kept so tars look like img2dataset's
 
 SAMPLE_COLUMNS: list[tuple[str, pa.DataType]] = [
@@ -110,6 +108,51 @@ class _CountingFile:
         return getattr(self.raw, name)
 
 
+class UstarStream:
+    """A tar stream of regular files, byte for byte what ``tarfile`` writes in USTAR format for the
+    same members (mode 0444, owner "bigdata", mtime 0), several times faster: the header is a fixed
+    template with the name, size and checksum filled in."""
+
+    BLOCK = 512
+    RECORD = 20 * 512  # tarfile pads the archive to whole records
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.size = 0
+        template = bytearray(self.BLOCK)
+        template[100:124] = b"0000444\x000000000\x000000000\x00"  # mode, uid, gid
+        template[136:148] = b"%011o\x00" % TAR_MTIME
+        template[156:157] = b"0"  # a regular file
+        template[257:265] = b"ustar\x0000"
+        owner = TAR_OWNER.encode()
+        template[265 : 265 + len(owner)] = owner
+        template[297 : 297 + len(owner)] = owner
+        self._template = bytes(template)
+
+    def add(self, name: str, data: bytes) -> None:
+        encoded = name.encode()
+        if len(encoded) > 100:
+            raise ValueError(f"tar member name over 100 bytes: {name!r}")
+        header = bytearray(self._template)
+        header[: len(encoded)] = encoded
+        header[124:136] = b"%011o\x00" % len(data)
+        header[148:156] = b"        "  # the checksum is computed with its own field as spaces
+        header[148:156] = b"%06o\x00 " % sum(header)
+        padding = -len(data) % self.BLOCK
+        self._write(bytes(header))
+        self._write(data)
+        if padding:
+            self._write(bytes(padding))
+
+    def close(self) -> None:
+        end = 2 * self.BLOCK
+        self._write(bytes(end + (-(self.size + end) % self.RECORD)))
+
+    def _write(self, data: bytes) -> None:
+        self.raw.write(data)
+        self.size += len(data)
+
+
 class MetadataTable:
     """The shard's metadata parquet, written in one go on ``commit()`` (a shard's rows are small)."""
 
@@ -137,9 +180,7 @@ class WebDatasetWriter:
         self.metadata = MetadataTable(target)
         self._stack = contextlib.ExitStack()
         raw = self._stack.enter_context(atomic_open(join(target.folder, f"{target.name}.tar")))
-        self._file = _CountingFile(raw)
-        # Closed by commit() or abort(): the writer's lifetime spans many write() calls.
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._tar = UstarStream(raw)
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)
@@ -152,21 +193,14 @@ class WebDatasetWriter:
             self._add(f"{sample.key}.{ext}", members[ext])
 
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = TAR_MTIME
-        info.mode = 0o444
-        info.uname = info.gname = TAR_OWNER
-        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.add(name, data)
 
     def commit(self) -> int:
         self._tar.close()
         self._stack.close()  # renames the tar into place
-        return self._file.size + self.metadata.commit()
+        return self._tar.size + self.metadata.commit()
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self._tar.close()
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 

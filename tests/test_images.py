@@ -98,6 +98,23 @@ def test_alpha_is_composited_on_white(server: ImageServer) -> None:
     assert (out[transparent] == 255).all()
 
 
+@pytest.mark.parametrize("mode", ["border", "keep_ratio", "center_crop"])
+def test_alpha_edges_match_compositing_before_resizing(mode: str) -> None:
+    # A logo: opaque red on fully transparent *black* pixels, with hard edges. Compositing after a
+    # plain resize would darken the edges; premultiplied resizing must not.
+    logo = np.zeros((300, 420, 4), np.uint8)
+    logo[60:240, 100:330] = (0, 0, 255, 255)
+    logo[100:200, 150:280, 3] = 128  # a half-transparent window
+    raw = cv2.imencode(".png", logo)[1].tobytes()
+    settings = ImageSettings(resize_mode=mode, encode_format="png", encode_quality=1)
+    out = decode(ImageProcessor(settings).process(raw).data)
+    alpha = logo[..., 3:4].astype(np.float64) / 255
+    flat = np.rint(logo[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)  # img2dataset: composite first
+    expected = decode(ImageProcessor(settings).process(cv2.imencode(".png", flat)[1].tobytes()).data)
+    assert out.shape == expected.shape
+    assert np.abs(out.astype(np.int16) - expected).max() <= 2
+
+
 def test_grayscale_stays_one_channel() -> None:
     raw = (SAMPLES / "camera_384x384_gray.jpg").read_bytes()
     out = ImageProcessor(ImageSettings()).process(raw)

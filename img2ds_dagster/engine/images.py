@@ -188,12 +188,20 @@ class ImageProcessor:
         img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None or img.size == 0:
             raise ImageError("Image decoding error")
-        return _as_8bit_without_alpha(img)
+        return _as_8bit(img)
 
     @staticmethod
     def _apply(img: Image, geometry: Geometry) -> Image:
+        # Alpha is composited on white after resizing, on premultiplied colours: resizing is linear,
+        # so this equals img2dataset's composite-then-resize (to rounding) while the compositing
+        # runs on the small image instead of the full-size one.
+        has_alpha = img.ndim == 3 and img.shape[2] in (2, 4)
+        if has_alpha:
+            img = _premultiply(img)
         if geometry.size is not None and (img.shape[1], img.shape[0]) != geometry.size:
             img = cv2.resize(img, geometry.size, interpolation=geometry.interpolation)
+        if has_alpha:
+            img = _over_white(img)
         if geometry.pad is not None and any(geometry.pad):
             img = cv2.copyMakeBorder(img, *geometry.pad, cv2.BORDER_CONSTANT, value=WHITE)
         if geometry.crop is not None:
@@ -202,30 +210,33 @@ class ImageProcessor:
         return img
 
 
-def _as_8bit_without_alpha(img: Image) -> Image:
-    """8-bit gray or BGR: deeper samples scaled down, alpha composited on white."""
+def _as_8bit(img: Image) -> Image:
+    """8 bits per sample, deeper samples scaled down; gray, gray+alpha, BGR or BGRA."""
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
     elif img.dtype in (np.float32, np.float64):
         img = np.clip(np.asarray(img) * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
         raise ImageError(f"unsupported pixel type {img.dtype}")
-    if img.ndim == 3 and img.shape[2] in (2, 4):
-        img = _composite_on_white(img[..., :-1], img[..., -1])
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[..., 0]
     return img
 
 
-def _composite_on_white(color: Image, alpha: Image) -> Image:
-    """``color * a + 255 * (1 - a)`` with a = alpha / 255, computed as 255 - (255 - color) * a in
-    uint8 OpenCV arithmetic (SIMD, GIL released); img2dataset does the same in float64 numpy."""
-    channels = color.shape[2]
-    alphas = cv2.merge([alpha] * channels) if channels > 1 else alpha[..., None]
-    inverse = cv2.bitwise_not(np.ascontiguousarray(color))
-    shaded = cv2.multiply(inverse, alphas, scale=1 / 255)
-    out = cv2.bitwise_not(shaded)
-    return out if channels > 1 else out[..., 0]
+def _premultiply(img: Image) -> Image:
+    """Colour channels multiplied by alpha / 255 (alpha, the last channel, unchanged)."""
+    if img.shape[2] == 4:
+        out: Image = cv2.cvtColor(img, cv2.COLOR_RGBA2mRGBA)  # any channel order, alpha last; SIMD
+        return out
+    gray, alpha = img[..., 0].astype(np.uint16), img[..., 1]
+    return np.dstack([((gray * alpha + 127) // 255).astype(np.uint8), alpha])
+
+
+def _over_white(premultiplied: Image) -> Image:
+    """Premultiplied colour over a white background: ``colour * a + 255 * (1 - a)``."""
+    color = premultiplied[..., :-1].astype(np.uint16)
+    out: Image = np.minimum(color + (255 - premultiplied[..., -1:]), 255).astype(np.uint8)
+    return out if out.shape[2] > 1 else out[..., 0]
 
 
 def exif_json(raw: bytes, header: ImageHeader | None) -> str | None:

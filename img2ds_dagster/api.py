@@ -158,7 +158,10 @@ def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally 
         datasets=output_folder,
         stats_file=str(state / "download_stats.json"),
     )
-    workers = WorkersResource(thread_count=thread_count, processes_count=processes_count)
+    # img2dataset builds processes_count shards at once, one per process. Here they are threads of
+    # this process (the image work runs outside the GIL, so it already uses every core), and at
+    # least 2, so that one shard's slowest downloads never leave the cores idle.
+    workers = WorkersResource(thread_count=thread_count, parallel_shards=max(2, processes_count))
     with _instance(state) as instance:
         runner = AssetRunner(instance, {"storage": storage, "workers": workers})
         first_shard_id, keys = 0, []

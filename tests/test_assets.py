@@ -42,7 +42,7 @@ def resources(tmp_path: Path) -> dict[str, Any]:
             staging=str(tmp_path / "staging"),
             datasets=str(tmp_path / "datasets"),
         ),
-        "workers": WorkersResource(thread_count=8, processes_count=1),
+        "workers": WorkersResource(thread_count=8),
     }
 
 

@@ -115,6 +115,28 @@ def test_alpha_edges_match_compositing_before_resizing(mode: str) -> None:
     assert np.abs(out.astype(np.int16) - expected).max() <= 2
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_png_colours_keep_their_channel_order(channels: int) -> None:
+    # PNGs are decoded by another library than JPEGs, in RGB order: blue must stay blue.
+    blue = np.zeros((50, 80, channels), np.uint8)
+    blue[..., 0] = 255  # B in OpenCV's BGR(A)
+    if channels == 4:
+        blue[..., 3] = 255
+    raw = cv2.imencode(".png", blue)[1].tobytes()
+    out = decode(
+        ImageProcessor(ImageSettings(resize_mode="no", encode_format="png", encode_quality=1))
+        .process(raw)
+        .data
+    )
+    assert out[25, 40].tolist() == [255, 0, 0]
+
+
+def test_a_truncated_png_is_a_decoding_error() -> None:
+    raw = cv2.imencode(".png", np.indices((200, 200)).sum(0).astype(np.uint8))[1].tobytes()
+    with pytest.raises(ImageError, match=r"^Image decoding error$"):
+        ImageProcessor(ImageSettings()).process(raw[: len(raw) // 2])
+
+
 def test_grayscale_stays_one_channel() -> None:
     raw = (SAMPLES / "camera_384x384_gray.jpg").read_bytes()
     out = ImageProcessor(ImageSettings()).process(raw)

@@ -93,14 +93,12 @@ def test_keys_follow_img2dataset_digits(server: ImageServer, tmp_path: Path) -> 
     ]
 
 
-def test_shards_build_in_parallel_processes_and_a_broken_one_is_reported(
-    server: ImageServer, tmp_path: Path
-) -> None:
+def test_shards_build_in_parallel_and_a_broken_one_is_reported(server: ImageServer, tmp_path: Path) -> None:
     urls = [server.url(f"/gen/{20 + i}x{30 + i}.jpg") for i in range(8)]
     staging, manifest = stage(tmp_path, urls, number_sample_per_shard=2, output_format="parquet")
     Path(staging.shard_path("t", "00002")).unlink()
     jobs = [ShardJob("t", i) for i in manifest.shard_ids]
-    results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, processes_count=2)))
+    results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, parallel_shards=2)))
     assert set(results) == set(jobs)
     failed = results[ShardJob("t", 2)]
     assert isinstance(failed, ShardError)

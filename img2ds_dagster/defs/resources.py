@@ -9,7 +9,7 @@ from __future__ import annotations
 import dagster as dg
 import fsspec
 
-from ..engine.shard import Workers, default_cpu_threads
+from ..engine.shard import Workers
 from ..engine.sources import INPUT_FORMATS, Staging, input_format_of, table_key
 from ..engine.storage import join
 from ..errors import InputTableError
@@ -75,17 +75,18 @@ def _seconds(value: object) -> float:
 
 class WorkersResource(dg.ConfigurableResource):
     """Parallelism of shard runs. It changes speed, never the output, so it is not part of a table's
-    settings and can differ between the runs of one table."""
+    settings and can differ between the runs of one table. A run is one process: its threads use
+    every core; run more runs at once (dagster.yaml) to use more machines."""
 
-    thread_count: int = 256
-    processes_count: int = 0  # 0: one process per core (only used when a run has several shards)
-    cpu_threads: int = 0  # 0: one per core
+    thread_count: int = 256  # download threads per shard
+    parallel_shards: int = 2  # shards of a run built at once
+    cpu_threads: int = 0  # images processed at once; 0: one per core
     spool_dir: str | None = None
 
     def workers(self) -> Workers:
         return Workers(
             thread_count=self.thread_count,
-            processes_count=self.processes_count or default_cpu_threads(),
+            parallel_shards=self.parallel_shards,
             cpu_threads=self.cpu_threads,
             spool_dir=self.spool_dir,
         )

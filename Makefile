@@ -25,8 +25,8 @@ dev: setup
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 lint: setup
-	$(BIN)/ruff check img2ds_dagster tests
-	$(BIN)/ruff format --check img2ds_dagster tests
+	$(BIN)/ruff check img2ds_dagster tests benchmarks
+	$(BIN)/ruff format --check img2ds_dagster tests benchmarks
 	$(BIN)/mypy
 
 test: lint

@@ -1,0 +1,62 @@
+"""The commands the side-by-side benchmark runs, each in a fresh process: img2dataset 1.47 from its
+own virtualenv, img2ds_dagster's ``download()``, and img2ds_dagster through its Dagster assets on a
+persistent instance (``url_tables`` once, then multi-shard runs of ``shards``).
+
+Run as a script with a JSON argument: ``python -m benchmarks.tools <tool> '<json options>'``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+IMG2DATASET_SCRIPT = """
+import json, sys
+from img2dataset import download
+if __name__ == "__main__":
+    download(**json.loads(sys.argv[1]))
+"""
+
+
+def run_download(options: dict[str, Any]) -> None:
+    from img2ds_dagster import download
+
+    download(**options)
+
+
+def run_dagster_assets(options: dict[str, Any]) -> None:
+    """url_tables, then every shard in runs of MAX_SHARDS_PER_RUN, as the backfill daemon groups
+    them, on a persistent sqlite instance; download() is not involved."""
+    import dagster as dg
+
+    from img2ds_dagster.defs.resources import StorageResource, WorkersResource
+    from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN
+    from img2ds_dagster.defs.url_tables import shard_keys
+    from img2ds_dagster.runner import AssetRunner
+
+    output = Path(options.pop("output_folder"))
+    url_list = options.pop("url_list")
+    workers = WorkersResource(
+        thread_count=options.pop("thread_count"), parallel_shards=max(2, options.pop("processes_count"))
+    )
+    with tempfile.TemporaryDirectory(prefix="img2ds-bench-") as home:
+        Path(home, "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {home}/storage\n")
+        storage = StorageResource(
+            inbox=f"{home}/inbox", staging=f"{home}/staging", datasets=str(output.parent)
+        )
+        with dg.DagsterInstance.from_config(home) as instance:
+            runner = AssetRunner(instance, {"storage": storage, "workers": workers})
+            manifest = runner.stage_table(
+                "bench", {**options, "source": url_list, "output_folder": str(output)}
+            )
+            outcome = runner.build_shards(shard_keys(manifest), max_per_run=MAX_SHARDS_PER_RUN)
+            if outcome.failed:
+                raise SystemExit(f"failed shards: {outcome.failed}")
+
+
+if __name__ == "__main__":
+    tool, raw = sys.argv[1], sys.argv[2]
+    {"download": run_download, "dagster": run_dagster_assets}[tool](json.loads(raw))

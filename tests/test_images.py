@@ -222,6 +222,22 @@ def test_large_jpegs_are_decoded_at_reduced_size_with_the_same_result(server: Im
     assert 10 * np.log10(255**2 / mse) > 35
 
 
+def test_large_webp_is_halved_first_with_the_same_result(server: ImageServer) -> None:
+    raw = photo(server, 1000, 700, "webp")
+    halved = ImageProcessor(ImageSettings()).process(raw)
+    full = ImageProcessor(ImageSettings(reduced_jpeg_decode=False)).process(raw)
+    assert (halved.width, halved.height, halved.original_width) == (full.width, full.height, 1000)
+    mse = np.mean((decode(halved.data).astype(float) - decode(full.data).astype(float)) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 40
+    # With alpha, the WebP is decoded whole (the halving decode drops alpha) and still composited.
+    with_alpha = decode(
+        ImageProcessor(ImageSettings()).process(photo(server, 1000, 700, "webp", alpha=True)).data
+    )
+    assert with_alpha.shape == (256, 256, 3)
+    # 1000x700 fits as 256x179 from row 38; the mask is fully transparent in the corners.
+    assert with_alpha[39:42, 0:3].min() >= 240
+
+
 def test_no_reduction_when_the_target_needs_every_pixel() -> None:
     settings = ImageSettings(image_size=256)
     header = probe(cv2.imencode(".jpg", np.zeros((400, 300, 3), np.uint8))[1].tobytes())

@@ -95,7 +95,7 @@ class ImageSettings:
     max_aspect_ratio: float = math.inf
     # Refuse to decode images whose header claims more pixels than this (PIL's warning threshold).
     max_decoded_pixels: int = 89_478_485
-    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
+    # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (and WebP at 1/2) when the target is that small.
     reduced_jpeg_decode: bool = True
 
     def __post_init__(self) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 
@@ -33,6 +34,7 @@ from .storage import remove, write_json_atomic
 from .writers import Sample, ShardTarget, metadata_schema, open_writer
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def default_cpu_threads() -> int:
@@ -92,6 +94,50 @@ class Spool:
         self._file.close()
 
 
+class CpuPool:
+    """One thread per core doing the image work for every shard being built.
+
+    Work is taken newest first: the bytes a download thread has just received are still in the CPU
+    cache, while the oldest waiting ones are not. In a paired comparison on the benchmark corpus
+    (2 shards x 64 threads, 5 rounds) this cut the CPU per image from 7.1 to 6.3 ms against a
+    first-in-first-out pool. Each caller waits for its own result, so nothing is left queued when
+    the pool is closed.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._queue: queue.LifoQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.LifoQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"img2ds-cpu-{i}", daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, task: Callable[[], _T]) -> _T:
+        future: Future[_T] = Future()
+        self._queue.put((task, future))
+        return future.result()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            task, future = item
+            try:
+                future.set_result(task())
+            except BaseException as err:  # handed to the caller, who re-raises it
+                future.set_exception(err)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+
+    def __enter__(self) -> CpuPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass(slots=True)
 class _Outcome:
     status: str
@@ -110,9 +156,7 @@ class _SampleWorker:
     and waits. The CPU pool has one thread per core, shared by the shards being built: the same few
     threads do all image work, instead of dozens of download threads taking turns at it."""
 
-    def __init__(
-        self, settings: DownloadSettings, fetcher: Fetcher, spool: Spool, cpu: ThreadPoolExecutor
-    ) -> None:
+    def __init__(self, settings: DownloadSettings, fetcher: Fetcher, spool: Spool, cpu: CpuPool) -> None:
         self.fetcher = fetcher
         self.processor = ImageProcessor(settings.image)
         self.spool = spool
@@ -126,7 +170,8 @@ class _SampleWorker:
         fetched = self.fetcher.fetch(url)
         if fetched.data is None:
             return _Outcome("failed_to_download", fetched.error)
-        return self.cpu.submit(self._process, fetched.data).result()
+        raw = fetched.data
+        return self.cpu.run(lambda: self._process(raw))
 
     def _process(self, raw: bytes) -> _Outcome:
         header = probe(raw)
@@ -147,7 +192,7 @@ class _SampleWorker:
 
 
 def build_shard(
-    staging: Staging, table: str, shard_id: int, workers: Workers, cpu: ThreadPoolExecutor | None = None
+    staging: Staging, table: str, shard_id: int, workers: Workers, cpu: CpuPool | None = None
 ) -> ShardResult:
     """Download and write one shard of a staged table; its stats file is written last.
 
@@ -155,7 +200,7 @@ def build_shard(
     shard makes its own, of ``workers.cpu_slots`` threads.
     """
     if cpu is None:
-        with ThreadPoolExecutor(workers.cpu_slots, "img2ds-cpu") as own:
+        with CpuPool(workers.cpu_slots) as own:
             return build_shard(staging, table, shard_id, workers, own)
     cv2.setNumThreads(1)  # parallelism comes from our threads; OpenCV's own pool would oversubscribe
     manifest = staging.manifest(table)
@@ -248,7 +293,7 @@ def build_shards(
     """
     staging = Staging(staging_root)
     with (
-        ThreadPoolExecutor(workers.cpu_slots, "img2ds-cpu") as cpu,
+        CpuPool(workers.cpu_slots) as cpu,
         ThreadPoolExecutor(max(1, min(workers.parallel_shards, len(jobs))), "img2ds-shard") as pool,
     ):
         futures = {pool.submit(_guarded, staging, job, workers, cpu): job for job in jobs}
@@ -256,9 +301,7 @@ def build_shards(
             yield futures[future], future.result()
 
 
-def _guarded(
-    staging: Staging, job: ShardJob, workers: Workers, cpu: ThreadPoolExecutor
-) -> ShardResult | ShardError:
+def _guarded(staging: Staging, job: ShardJob, workers: Workers, cpu: CpuPool) -> ShardResult | ShardError:
     try:
         return build_shard(staging, job.table, job.shard_id, workers, cpu)
     # A shard's failure is reported against that shard; the run's other shards carry on.

@@ -14,10 +14,11 @@ images are. scikit-image is not a dependency of the project::
 
 What a corpus holds (shares of all entries; the image formats are shares of the good images):
 
-- 90% good images: 75% JPEG (quality 70-95, 20% progressive, 30% Huffman-optimised, some 4:4:4,
-  30% with a camera-like EXIF block, most of those with a thumbnail), 4% grayscale JPEG, 7% PNG RGB,
-  5% PNG with a real alpha channel (a feathered cut-out of the subject, a soft oval, or a fade),
-  9% lossy WebP.
+- 90% good images. Profile "mixed" (the default): 75% JPEG (quality 70-95, 20% progressive, 30%
+  Huffman-optimised, some 4:4:4, 30% with a camera-like EXIF block, most of those with a thumbnail),
+  4% grayscale JPEG, 7% PNG RGB, 5% PNG with a real alpha channel (a feathered cut-out of the subject,
+  a soft oval, or a fade), 9% lossy WebP. Profile "jpeg-heavy" (``--profile jpeg-heavy``): 85% JPEG,
+  4% grayscale, 3% PNG, 2% PNG with alpha, 6% WebP.
 - Sizes: 5% tiny (sides 16-150 px), 80% with sides 300-1200 px, 15% up to 3000 px on the long side;
   aspect ratios 4:3, 3:2, 1:1, 16:9 (landscape and portrait) and 2:1-4:1 panoramas.
 - 10% faults: 3% URLs of files that do not exist (404), 2.5% ``.jpg`` files whose body is an HTML page,
@@ -106,18 +107,25 @@ PHOTOS = {**COLOR_PHOTOS, **GRAY_PHOTOS}
 # Colour images are mostly colour photos; black-and-white photos saved as colour files exist too.
 GRAY_SOURCE_IN_COLOR = 0.15
 
-# (kind, fault, share of all entries); the good kinds' shares are 90% of the requested format mix.
-KIND_SHARES: tuple[tuple[str, str | None, float], ...] = (
-    ("jpeg", None, 0.90 * 0.75),
-    ("gray", None, 0.90 * 0.04),
-    ("png", None, 0.90 * 0.07),
-    ("png-alpha", None, 0.90 * 0.05),
-    ("webp", None, 0.90 * 0.09),
-    ("fault", "404", 0.03),
-    ("fault", "html", 0.025),
-    ("fault", "truncated", 0.025),
-    ("fault", "noai", 0.02),
-)
+# Shares of the good images per format, by corpus profile. "mixed" gives PNG (which both tools must
+# decode in full) 12% of the images and, being photographs, half of the CPU; "jpeg-heavy" is closer
+# to image-text datasets of web photos, where nearly everything is JPEG.
+PROFILES: dict[str, dict[str, float]] = {
+    "mixed": {"jpeg": 0.75, "gray": 0.04, "png": 0.07, "png-alpha": 0.05, "webp": 0.09},
+    "jpeg-heavy": {"jpeg": 0.85, "gray": 0.04, "png": 0.03, "png-alpha": 0.02, "webp": 0.06},
+}
+FAULT_SHARES = (("404", 0.03), ("html", 0.025), ("truncated", 0.025), ("noai", 0.02))
+
+
+def kind_shares(profile: str) -> tuple[tuple[str, str | None, float], ...]:
+    """(kind, fault, share of all entries); the good kinds share the 90% the faults leave."""
+    good = 1 - sum(share for _, share in FAULT_SHARES)
+    return (
+        *((kind, None, good * share) for kind, share in PROFILES[profile].items()),
+        *(("fault", fault, share) for fault, share in FAULT_SHARES),
+    )
+
+
 SIZE_BUCKETS = (("tiny", 0.05), ("main", 0.80), ("large", 0.15))
 # (name, width / height, share); "pano" draws its ratio from 2:1 to 4:1.
 ASPECTS = (
@@ -289,11 +297,12 @@ def _exif_spec(rng: np.random.Generator) -> ExifSpec:
     )
 
 
-def plan(count: int, seed: int, shapes: dict[str, tuple[int, ...]]) -> list[Spec]:
+def plan(count: int, seed: int, shapes: dict[str, tuple[int, ...]], profile: str = "mixed") -> list[Spec]:
     """Draw every entry's kind, source, size, crop and encoding from one generator seeded by ``seed``."""
     rng = np.random.default_rng(seed)
-    counts = _exact_counts(count, [share for _, _, share in KIND_SHARES])
-    kinds = [(kind, fault) for (kind, fault, _), n in zip(KIND_SHARES, counts, strict=True) for _ in range(n)]
+    shares = kind_shares(profile)
+    counts = _exact_counts(count, [share for _, _, share in shares])
+    kinds = [(kind, fault) for (kind, fault, _), n in zip(shares, counts, strict=True) for _ in range(n)]
     order = rng.permutation(len(kinds))
     color_weights = {name: p.weight for name, p in COLOR_PHOTOS.items()}
     gray_weights = {name: p.weight for name, p in GRAY_PHOTOS.items()}
@@ -761,7 +770,7 @@ def tree_digest(root: Path) -> str:
 # Command line
 
 
-def build(out: Path, count: int, seed: int, jobs: int) -> list[Entry]:
+def build(out: Path, count: int, seed: int, jobs: int, profile: str = "mixed") -> list[Entry]:
     """Plan and render a corpus of ``count`` entries into ``out``, replacing a corpus already there."""
     if out.exists() and any(out.iterdir()) and not (out / CORPUS_FILE).exists():
         raise SystemExit(f"{out} is not empty and holds no {CORPUS_FILE}: refusing to write into it")
@@ -773,7 +782,7 @@ def build(out: Path, count: int, seed: int, jobs: int) -> list[Entry]:
             target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     shapes = {name: img.shape for name, img in load_photos().items()}
-    specs = plan(count, seed, shapes)
+    specs = plan(count, seed, shapes, profile)
     # Biggest first, so that no worker is left with a 3000 px PNG at the end.
     by_cost = sorted(range(len(specs)), key=lambda i: -specs[i].width * specs[i].height)
     entries: list[Entry | None] = [None] * len(specs)
@@ -808,6 +817,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     b.add_argument("--digest", action="store_true", help="print a sha256 of the whole tree")
+    b.add_argument("--profile", choices=sorted(PROFILES), default="mixed", help="the mix of image formats")
     u = sub.add_parser("urls", help="write a URL list for a served corpus")
     u.add_argument("--corpus", type=Path, default=Path("benchmarks/.corpus"))
     u.add_argument("--base", required=True, help="the server's base URL, e.g. http://127.0.0.1:8080")
@@ -823,7 +833,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.command == "build":
         _require_skimage()
         started = time.perf_counter()
-        entries = build(args.out, args.count, args.seed, args.jobs)
+        entries = build(args.out, args.count, args.seed, args.jobs, args.profile)
         elapsed = time.perf_counter() - started
         _print_summary(summarize(entries))
         print(f"built {len(entries)} entries in {args.out} in {elapsed:.1f} s with {args.jobs} processes")

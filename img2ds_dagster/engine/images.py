@@ -153,7 +153,7 @@ class ImageProcessor:
             original = (img.shape[1], img.shape[0])
             self._check(*original)
             geometry = plan(*original, s)
-        img = self._apply(img, geometry)
+        img = self._apply(img, geometry, reduced=img.shape[1] < original[0])
         if rgb and img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # on the small image: cheaper than on the decoded one
         ok, encoded = cv2.imencode(self._ext, img, self._params)
@@ -220,7 +220,7 @@ class ImageProcessor:
         return _as_8bit(img)
 
     @staticmethod
-    def _apply(img: Image, geometry: Geometry) -> Image:
+    def _apply(img: Image, geometry: Geometry, reduced: bool = False) -> Image:
         # Alpha is composited on white after resizing, on premultiplied colours: resizing is linear,
         # so this equals img2dataset's composite-then-resize (to rounding) while the compositing
         # runs on the small image instead of the full-size one.
@@ -228,7 +228,7 @@ class ImageProcessor:
         if has_alpha:
             img = _premultiply(img)
         if geometry.size is not None and (img.shape[1], img.shape[0]) != geometry.size:
-            img = cv2.resize(img, geometry.size, interpolation=geometry.interpolation)
+            img = cv2.resize(img, geometry.size, interpolation=_final_interpolation(img, geometry, reduced))
         if has_alpha:
             img = _over_white(img)
         if geometry.pad is not None and any(geometry.pad):
@@ -237,6 +237,20 @@ class ImageProcessor:
             x, y, side = geometry.crop
             img = img[y : y + side, x : x + side]
         return img
+
+
+def _final_interpolation(img: Image, geometry: Geometry, reduced: bool) -> int:
+    """The decoder already did most of a reduced image's downscaling (libjpeg's DCT scaling, or an
+    exact 2x2 average for WebP); what is left is under 2x, where bilinear barely aliases and costs a
+    seventh of OpenCV's area resize for non-integer ratios (0.12 vs 0.8 ms on the benchmark's JPEGs;
+    median PSNR against a full decode with area resizing drops from 38.6 to 37.5 dB).
+    ``reduced_jpeg_decode=False`` keeps img2dataset's exact area resize."""
+    assert geometry.size is not None
+    width, height = geometry.size
+    small_step = img.shape[1] < 2 * width and img.shape[0] < 2 * height
+    if reduced and small_step and geometry.interpolation == cv2.INTER_AREA:
+        return int(cv2.INTER_LINEAR)
+    return geometry.interpolation
 
 
 def _as_8bit(img: Image) -> Image:

@@ -9,9 +9,11 @@ not materialized yet.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,10 @@ from .config import DownloadConfig
 from .defs.resources import StorageResource, WorkersResource
 from .defs.stats import collect_stats
 from .defs.url_tables import shard_keys
-from .engine.sources import list_input_files, table_key
-from .engine.storage import absolute, local_path
-from .errors import ConfigError, NotSupportedYetError, ShardError
-from .runner import AssetRunner
+from .engine.sources import TableManifest, list_input_files, table_key
+from .engine.storage import absolute, local_path, remove
+from .errors import ConfigError, ShardError
+from .runner import AssetRunner, ShardsOutcome
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +54,13 @@ class DownloadReport:
     stats_file: str = ""
 
 
-# Options img2dataset has that this version does not implement yet, with the value that means "off".
-_NOT_YET: dict[str, Any] = {
-    "skip_reencode": False,
-    "bbox_col": None,
-    "verify_hash": None,
-    "enable_wandb": False,
-    "distributor": "multiprocessing",
-    "disable_all_reencoding": False,
-    "incremental_mode": "incremental",
-    "max_shard_retry": 1,
-}
+INCREMENTAL_MODES = ("incremental", "overwrite", "extend")
+_DISTRIBUTION = (
+    "img2ds_dagster does not distribute work with {name}: it is Dagster's job. One machine: "
+    "download() or `dagster dev` (processes_count/thread_count set the parallelism). Several machines: "
+    "the deploy/ profile, where Dagster's run launcher (ECS or Kubernetes) starts shard runs as "
+    "separate tasks or pods and the shards asset's pool limits how many run at once"
+)
 
 
 def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally too
@@ -103,18 +101,22 @@ def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally 
     max_shard_retry: int = 1,
     user_agent_token: str | None = None,
     disallowed_header_directives: list[str] | None = None,
+    ignore_ssl_certificate: bool = False,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
     Raises ShardError at the end if some shards could not be built (the others are kept; call again
     to retry just those), ConfigError for a bad option and InputTableError for a bad URL file.
     """
-    given = locals()
-    for option, off in _NOT_YET.items():
-        if given[option] != off:
-            raise NotSupportedYetError(f"{option}={given[option]!r} is not supported yet by img2ds_dagster")
-    if processes_count < 1 or thread_count < 1:
-        raise ConfigError("processes_count and thread_count: must be at least 1")
+    _check_run_options(
+        processes_count=processes_count,
+        thread_count=thread_count,
+        enable_wandb=enable_wandb,
+        distributor=distributor,
+        incremental_mode=incremental_mode,
+        max_shard_retry=max_shard_retry,
+        subjob_size=subjob_size,
+    )
     config = DownloadConfig(
         image_size=image_size,
         resize_mode=resize_mode,
@@ -145,6 +147,11 @@ def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally 
         min_image_size=min_image_size,
         max_image_area=None if math.isinf(max_image_area) else max_image_area,
         max_aspect_ratio=None if math.isinf(max_aspect_ratio) else max_aspect_ratio,
+        skip_reencode=skip_reencode,
+        disable_all_reencoding=disable_all_reencoding,
+        bbox_col=bbox_col,
+        verify_hash=list(verify_hash) if verify_hash is not None else None,
+        ignore_ssl_certificate=ignore_ssl_certificate,
     )
     config.to_settings()  # fail fast, naming the option, before anything is written
 
@@ -164,23 +171,12 @@ def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally 
     workers = WorkersResource(thread_count=thread_count, parallel_shards=max(2, processes_count))
     with _instance(state) as instance:
         runner = AssetRunner(instance, {"storage": storage, "workers": workers})
-        first_shard_id, keys = 0, []
-        for table, source in zip(tables, files, strict=True):
-            # img2dataset numbers the shards of a folder's files one after the other.
-            manifest = runner.stage_table(
-                table,
-                {
-                    **config.model_dump(exclude_defaults=True),
-                    "source": source,
-                    "output_folder": output_folder,
-                    "first_shard_id": first_shard_id,
-                },
-            )
-            keys += shard_keys(manifest)
-            first_shard_id += manifest.shard_count
-        outcome = runner.build_missing_shards(keys)
-        if outcome.skipped:
-            log.info("%d of %d shards were already done and were skipped", len(outcome.skipped), len(keys))
+        if incremental_mode == "overwrite":
+            _start_over(runner, output_folder)
+        keys = _stage_tables(
+            runner, dict(zip(tables, files, strict=True)), config, output_folder, incremental_mode
+        )
+        outcome = _build_shards(runner, keys, subjob_size, max_shard_retry)
         runner.refresh_stats()
     if outcome.failed:
         raise ShardError(
@@ -196,6 +192,127 @@ def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally 
         totals=collect_stats(storage).totals,
         stats_file=storage.stats_path(),
     )
+
+
+def _stage_tables(
+    runner: AssetRunner,
+    sources: dict[str, str],
+    config: DownloadConfig,
+    output_folder: str,
+    incremental_mode: str,
+) -> list[str]:
+    """Stage each URL file as a ``url_tables`` partition, numbering shards on from the previous
+    file's, as img2dataset numbers a folder's files; returns the shard keys, in order."""
+    existing = runner.staged_tables()
+    first_shard_id = 0
+    if incremental_mode == "extend":
+        first_shard_id = 1 + max((m.shard_ids[-1] for m in existing.values() if m.shard_count), default=-1)
+        # The same file again is new data to add, under a table name of its own.
+        sources = {_unused_key(table, existing): source for table, source in sources.items()}
+    others = {table: m for table, m in existing.items() if table not in sources}
+    keys: list[str] = []
+    for table, source in sources.items():
+        manifest = runner.stage_table(
+            table,
+            {
+                **config.model_dump(exclude_defaults=True),
+                "source": source,
+                "output_folder": output_folder,
+                "first_shard_id": first_shard_id,
+            },
+        )
+        clash = _overlapping(manifest, others)
+        if clash is not None:
+            if table not in existing:
+                runner.forget_table(table)
+            raise clash
+        keys += shard_keys(manifest)
+        first_shard_id += manifest.shard_count
+    return keys
+
+
+def _build_shards(
+    runner: AssetRunner, keys: list[str], subjob_size: int, max_shard_retry: int
+) -> ShardsOutcome:
+    """The shards not built yet, in runs of ``subjob_size`` shards, then ``max_shard_retry`` more
+    rounds over the failed ones (on top of the shards asset's own RetryPolicy)."""
+    outcome = runner.build_missing_shards(keys, max_per_run=subjob_size)
+    if outcome.skipped:
+        log.info("%d of %d shards were already done and were skipped", len(outcome.skipped), len(keys))
+    for attempt in range(1, max_shard_retry + 1):
+        if not outcome.failed:
+            break
+        log.warning(
+            "retrying %d failed shards (round %d of %d)", len(outcome.failed), attempt, max_shard_retry
+        )
+        retried = runner.build_shards(outcome.failed, max_per_run=subjob_size)
+        outcome.built += retried.built
+        outcome.failed = retried.failed
+    return outcome
+
+
+def _check_run_options(
+    *,
+    processes_count: int,
+    thread_count: int,
+    enable_wandb: bool,
+    distributor: str,
+    incremental_mode: str,
+    max_shard_retry: int,
+    subjob_size: int,
+) -> None:
+    if processes_count < 1 or thread_count < 1:
+        raise ConfigError("processes_count and thread_count: must be at least 1")
+    if enable_wandb:
+        raise ConfigError(
+            "enable_wandb: img2ds_dagster reports to Dagster, not to Weights & Biases: run `dagster dev` "
+            "with DAGSTER_HOME=<output_folder>/.img2ds/dagster to see each shard's run, logs and "
+            "metadata, and the download_stats asset (also written to .img2ds/download_stats.json)"
+        )
+    if distributor in ("pyspark", "ray"):
+        raise ConfigError(f"distributor={distributor!r}: " + _DISTRIBUTION.format(name=distributor))
+    if distributor != "multiprocessing":
+        raise ConfigError(f"distributor: {distributor!r} is not one of multiprocessing, pyspark, ray")
+    if incremental_mode not in INCREMENTAL_MODES:
+        raise ConfigError(f"incremental_mode: {incremental_mode!r} is not one of {list(INCREMENTAL_MODES)}")
+    if max_shard_retry < 0:
+        raise ConfigError("max_shard_retry: must be 0 or more")
+    if subjob_size < 1:
+        raise ConfigError("subjob_size: must be at least 1")
+
+
+def _start_over(runner: AssetRunner, output_folder: str) -> None:
+    """incremental_mode="overwrite": the output folder emptied (but for this state folder), and the
+    assets' materializations and partitions forgotten by this output folder's instance."""
+    local = local_path(output_folder)
+    if local is not None:
+        if os.path.isdir(local):
+            for entry in os.listdir(local):
+                if entry != STATE_FOLDER:
+                    remove(os.path.join(local, entry))
+    else:
+        remove(output_folder)
+    runner.forget_everything()
+
+
+def _unused_key(table: str, existing: Mapping[str, TableManifest]) -> str:
+    if table not in existing:
+        return table
+    return next(f"{table}-{n}" for n in itertools.count(2) if f"{table}-{n}" not in existing)
+
+
+def _overlapping(manifest: TableManifest, others: Mapping[str, TableManifest]) -> ConfigError | None:
+    """Two tables never write the same shard files (incremental mode keeps the other tables)."""
+    mine = set(manifest.shard_ids)
+    for other in others.values():
+        if mine.intersection(other.shard_ids):
+            names = f"{other.shard_name(other.shard_ids[0])}-{other.shard_name(other.shard_ids[-1])}"
+            return ConfigError(
+                f"url_list: {manifest.source} would write shards that {other.source} already wrote in "
+                f"{manifest.output_folder} ({names}); incremental_mode='extend' adds the new file "
+                "after them, incremental_mode='overwrite' starts the folder over"
+            )
+    return None
 
 
 def _table_keys(files: list[str]) -> list[str]:

@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from .engine.settings import DEFAULT_DISALLOWED_DIRECTIVES, DownloadSettings
+from .errors import ConfigError
 
 # The Dagster UI shows config defaults as JSON, which has no infinity: "no limit" is None here.
 _UNLIMITED = {"max_image_area", "max_aspect_ratio"}
@@ -32,7 +33,7 @@ class DownloadConfig(dg.Config):
         default=95, description="JPEG/WebP quality; for png, the compression level 0-9."
     )
     encode_format: str = Field(default="jpg", description="jpg, png or webp.")
-    output_format: str = Field(default="files", description="files, webdataset, parquet or dummy.")
+    output_format: str = Field(default="files", description="files, webdataset, parquet, tfrecord or dummy.")
     input_format: str | None = Field(
         default=None,
         description="txt, csv, tsv, json, jsonl (optionally .gz) or parquet; default: from the file name.",
@@ -69,6 +70,22 @@ class DownloadConfig(dg.Config):
     reduced_jpeg_decode: bool = Field(
         default=True, description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the target is that small."
     )
+    skip_reencode: bool = Field(
+        default=False,
+        description="Keep the downloaded bytes when no resize is needed and the format is encode_format.",
+    )
+    disable_all_reencoding: bool = Field(
+        default=False, description="Keep the downloaded bytes untouched: no decoding, checks or resizing."
+    )
+    bbox_col: str | None = Field(
+        default=None,
+        description="Column of boxes [[x_min, y_min, x_max, y_max], ...] (relative) to blur; also saved.",
+    )
+    verify_hash: list[str] | None = Field(
+        default=None,
+        description="[column, hash type]: images whose bytes do not match are failed_to_download.",
+    )
+    ignore_ssl_certificate: bool = Field(default=False, description="Accept any certificate on https URLs.")
 
     def to_settings(self) -> DownloadSettings:
         """The engine's settings; raises ConfigError naming the option when a value cannot work."""
@@ -77,6 +94,11 @@ class DownloadConfig(dg.Config):
             if flags[name] is None:
                 flags[name] = math.inf
         flags["save_additional_columns"] = flags["save_additional_columns"] or []
+        verify = flags.pop("verify_hash")
+        if verify is not None:
+            if len(verify) != 2:
+                raise ConfigError(f"verify_hash: must be [column, hash type], got {verify!r}")
+            flags["verify_hash_col"], flags["verify_hash_type"] = verify
         return DownloadSettings.from_flags(**flags)
 
 

@@ -5,7 +5,6 @@ error message in the shard's metadata. Exceptions are for problems that stop a t
 
     Img2dsError
     ├── ConfigError                 an option has a bad value (names the option)
-    │   └── NotSupportedYetError    an img2dataset option this version does not implement yet
     ├── InputTableError             a URL file cannot be used (names the file, and the column or row)
     └── ShardError                  one shard could not be produced (names the shard); Dagster retries it
         └── StagingMissingError     the shard's staged input rows are gone: re-materialize its url_table
@@ -20,10 +19,6 @@ class Img2dsError(Exception):
 
 class ConfigError(Img2dsError, ValueError):
     """An option has a value that cannot work; the message names the option."""
-
-
-class NotSupportedYetError(ConfigError):
-    """An img2dataset option that this version accepts by name but does not implement yet."""
 
 
 class InputTableError(Img2dsError, ValueError):

@@ -18,6 +18,8 @@ from .defs.shards import shards
 from .defs.stats import download_stats
 from .defs.url_tables import url_tables
 from .engine.sources import TableManifest
+from .engine.storage import remove
+from .errors import StagingMissingError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,33 @@ class AssetRunner:
         )
         storage: StorageResource = self.resources["storage"]
         return storage.staging_area().manifest(table)
+
+    def staged_tables(self) -> dict[str, TableManifest]:
+        """The tables registered in this instance whose staging is complete, by name."""
+        staging = self.resources["storage"].staging_area()
+        found = {}
+        for table in self.instance.get_dynamic_partitions(URL_TABLES):
+            try:
+                found[table] = staging.manifest(table)
+            except StagingMissingError:
+                continue
+        return found
+
+    def forget_table(self, table: str) -> None:
+        """Unregister a table and its shards, and drop its staged rows."""
+        prefix = f"{table}/"
+        for key in self.instance.get_dynamic_partitions(SHARDS):
+            if key.startswith(prefix):
+                self.instance.delete_dynamic_partition(SHARDS, key)
+        self.instance.delete_dynamic_partition(URL_TABLES, table)
+        remove(self.resources["storage"].staging_area().table_dir(table))
+
+    def forget_everything(self) -> None:
+        """Wipe the assets' materializations and every partition and staged table: a fresh start.
+        Runs and their logs stay. (Dagster's SQL storages cannot wipe single partitions.)"""
+        self.instance.wipe_assets([asset.key for asset in ASSETS])
+        for table in self.instance.get_dynamic_partitions(URL_TABLES):
+            self.forget_table(table)
 
     def build_missing_shards(self, keys: Sequence[str], max_per_run: int | None = None) -> ShardsOutcome:
         """Materialize the shards among ``keys`` that are not materialized yet."""

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import http.server
+import ssl
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from email.message import Message
 from urllib.parse import quote
 
+import cv2
+import numpy as np
 import pytest
 from imageserver import ImageServer
 
@@ -179,3 +186,60 @@ def test_non_ascii_urls_are_percent_encoded(server: ImageServer) -> None:
     data, error = fetch(server.url("/gen/12x12.jpg?caption=café au lait"))
     assert error is None
     assert data is not None
+
+
+@pytest.fixture(scope="module")
+def https_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An https server on 127.0.0.1 with a self-signed certificate (made by the openssl command)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = [
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=localhost",
+    ]
+    subprocess.run(
+        [*request, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            self.wfile.write(JPEG)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/image.jpg"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+JPEG = bytes(cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1])
+
+
+def test_self_signed_certificates_are_refused_unless_ignored(https_url: str) -> None:
+    data, error = fetch(https_url)
+    assert data is None
+    assert error is not None
+    assert "SSL error" in error
+    assert "CERTIFICATE_VERIFY_FAILED" in error
+    assert fetch(https_url, ignore_ssl_certificate=True) == (JPEG, None)

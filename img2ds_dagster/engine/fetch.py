@@ -209,6 +209,9 @@ class Fetcher:
         self._watchdog = _Watchdog()
         self._resolver = _Resolver()
         self._tls = ssl.create_default_context()
+        if settings.ignore_ssl_certificate:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
         self._all_pools: list[OrderedDict[_PoolKey, _HTTPConnection]] = []
         self._pools_lock = threading.Lock()
 

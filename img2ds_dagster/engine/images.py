@@ -56,6 +56,9 @@ _REDUCED_FLAGS = {
     (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
 WHITE = (255, 255, 255, 255)
+# encode_format -> the header format that needs no re-encoding under skip_reencode
+_HEADER_FORMATS = {"jpg": "jpeg", "png": "png", "webp": "webp"}
+Boxes = list[list[float]]
 
 
 class ImageError(Exception):
@@ -70,6 +73,7 @@ class Geometry:
     interpolation: int
     pad: tuple[int, int, int, int] | None  # top, bottom, left, right
     crop: tuple[int, int, int] | None  # x, y, side
+    resizes: bool = True  # False when img2dataset skips its resize step (an unchanged size still counts)
 
     @property
     def output_size(self) -> tuple[int, int] | None:
@@ -84,11 +88,11 @@ def plan(width: int, height: int, s: ImageSettings) -> Geometry:
     down, up = INTERPOLATION_FLAGS[s.downscale_interpolation], INTERPOLATION_FLAGS[s.upscale_interpolation]
     mode = s.resize_mode
     if mode == "no":
-        return Geometry(None, down, None, None)
+        return Geometry(None, down, None, None, resizes=False)
     reference = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
     downscale = reference > side
     if s.resize_only_if_bigger and not downscale:
-        return Geometry(None, down, None, None)
+        return Geometry(None, down, None, None, resizes=False)
     scale = side / reference
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     size = None if (new_w, new_h) == (width, height) else (new_w, new_h)
@@ -131,13 +135,16 @@ class ImageProcessor:
         self._ext = ext
         self._params = [int(flag), settings.encode_quality]
 
-    def process(self, raw: bytes, header: ImageHeader | None = None) -> ProcessedImage:
+    def process(
+        self, raw: bytes, header: ImageHeader | None = None, boxes: Boxes | None = None
+    ) -> ProcessedImage:
+        """The output image; ``boxes`` (relative ``[x_min, y_min, x_max, y_max]``) are blurred."""
         try:
-            return self._process(raw, header)
+            return self._process(raw, header, boxes)
         except cv2.error as err:  # e.g. a side over the encoder's limit (JPEG: 65535 pixels)
             raise ImageError(f"OpenCV error: {err.err}") from None
 
-    def _process(self, raw: bytes, header: ImageHeader | None) -> ProcessedImage:
+    def _process(self, raw: bytes, header: ImageHeader | None, boxes: Boxes | None) -> ProcessedImage:
         s = self.settings
         if not raw:  # an empty 200 response
             raise ImageError("Image decoding error")
@@ -153,13 +160,33 @@ class ImageProcessor:
             original = (img.shape[1], img.shape[0])
             self._check(*original)
             geometry = plan(*original, s)
-        img = self._apply(img, geometry, reduced=img.shape[1] < original[0])
+        if self._keeps_bytes(header, geometry, img, boxes):
+            return ProcessedImage(raw, original[0], original[1], *original)
+        img = self._apply(img, geometry, reduced=img.shape[1] < original[0], boxes=boxes)
         if rgb and img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # on the small image: cheaper than on the decoded one
         ok, encoded = cv2.imencode(self._ext, img, self._params)
         if not ok:
             raise ImageError("Image encoding error")
         return ProcessedImage(encoded.tobytes(), img.shape[1], img.shape[0], *original)
+
+    def _keeps_bytes(
+        self, header: ImageHeader | None, geometry: Geometry, img: Image, boxes: Boxes | None
+    ) -> bool:
+        """``skip_reencode``: the downloaded bytes are the output when nothing changes the pixels.
+
+        As in img2dataset: no resize step, no alpha to composite, already in ``encode_format``.
+        Unlike img2dataset, an image with boxes to blur is always re-encoded (img2dataset keeps
+        the unblurred original in that case)."""
+        if not self.settings.skip_reencode or header is None:
+            return False
+        has_alpha = img.ndim == 3 and img.shape[2] in (2, 4)
+        return (
+            not geometry.resizes
+            and not has_alpha
+            and not boxes
+            and header.format == _HEADER_FORMATS[self.settings.encode_format]
+        )
 
     def _check(self, width: int, height: int) -> None:
         s = self.settings
@@ -220,7 +247,7 @@ class ImageProcessor:
         return _as_8bit(img)
 
     @staticmethod
-    def _apply(img: Image, geometry: Geometry, reduced: bool = False) -> Image:
+    def _apply(img: Image, geometry: Geometry, reduced: bool = False, boxes: Boxes | None = None) -> Image:
         # Alpha is composited on white after resizing, on premultiplied colours: resizing is linear,
         # so this equals img2dataset's composite-then-resize (to rounding) while the compositing
         # runs on the small image instead of the full-size one.
@@ -231,6 +258,9 @@ class ImageProcessor:
             img = cv2.resize(img, geometry.size, interpolation=_final_interpolation(img, geometry, reduced))
         if has_alpha:
             img = _over_white(img)
+        if boxes:
+            # img2dataset blurs after scaling and before padding or cropping.
+            img = blur_boxes(img, boxes)
         if geometry.pad is not None and any(geometry.pad):
             img = cv2.copyMakeBorder(img, *geometry.pad, cv2.BORDER_CONSTANT, value=WHITE)
         if geometry.crop is not None:
@@ -251,6 +281,53 @@ def _final_interpolation(img: Image, geometry: Geometry, reduced: bool) -> int:
     if reduced and small_step and geometry.interpolation == cv2.INTER_AREA:
         return int(cv2.INTER_LINEAR)
     return geometry.interpolation
+
+
+def parse_boxes(value: Any) -> Boxes | None:
+    """bbox_col's value as a list of 4-float boxes: a list (parquet, JSON) or its JSON text (CSV)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ImageError(f"bbox_col: {value[:80]!r} is not a list of boxes") from None
+    try:
+        boxes = [[float(v) for v in box] for box in value]
+    except (TypeError, ValueError):
+        raise ImageError(f"bbox_col: {str(value)[:80]} is not a list of [x0, y0, x1, y1] boxes") from None
+    for box in boxes:
+        if len(box) != 4:
+            raise ImageError(f"bbox_col: a box is [x_min, y_min, x_max, y_max], got {box}")
+    return boxes
+
+
+def blur_boxes(img: Image, boxes: Boxes) -> Image:
+    """Blur the boxes (relative ``[x_min, y_min, x_max, y_max]``) as img2dataset's blurrer does.
+
+    Each box grows by a tenth of its longest side on every side; the image is Gaussian-blurred with a
+    kernel of ``2 * ceil(sigma) + 1`` pixels (at least 3) for ``sigma`` a tenth of the longest box
+    side, OpenCV deriving the kernel's own sigma from its size as albumentations' GaussianBlur lets
+    it; the box mask is blurred alike and blends the blurred image into the original, so edges are
+    soft (ImageNet face obfuscation's recipe)."""
+    height, width = img.shape[:2]
+    values = img.astype(np.float32) / 255.0
+    mask = np.zeros_like(values)
+    longest = 0
+    for box in boxes:
+        x0, y0, x1, y1 = int(box[0] * width), int(box[1] * height), int(box[2] * width), int(box[3] * height)
+        side = max(x1 - x0, y1 - y0)
+        longest = max(longest, side)
+        grow = 0.1 * side
+        x0, y0 = int(np.clip(int(x0 - grow), 0, width - 1)), int(np.clip(int(y0 - grow), 0, height - 1))
+        x1, y1 = int(np.clip(int(x1 + grow), 0, width - 1)), int(np.clip(int(y1 + grow), 0, height - 1))
+        mask[y0:y1, x0:x1, ...] = 1
+    kernel = max(3, int(2 * math.ceil(0.1 * longest) + 1))
+    kernel += 1 - kernel % 2
+    blurred = cv2.GaussianBlur(values, (kernel, kernel), 0)
+    blurred_mask = cv2.GaussianBlur(mask, (kernel, kernel), 0)
+    out: Image = ((values * (1 - blurred_mask) + blurred * blurred_mask) * 255.0).astype(np.uint8)
+    return out
 
 
 def _as_8bit(img: Image) -> Image:

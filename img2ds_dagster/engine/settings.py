@@ -41,6 +41,11 @@ class SourceSettings:
     caption_col: str | None = None
     save_additional_columns: tuple[str, ...] = ()
     number_sample_per_shard: int = 10000
+    # Boxes to blur, [[x_min, y_min, x_max, y_max], ...] relative to the image; saved as an extra column.
+    bbox_col: str | None = None
+    # verify_hash=[column, hash type]: the column is read under the hash type's name.
+    verify_hash_col: str | None = None
+    verify_hash_type: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.number_sample_per_shard >= 1, "number_sample_per_shard", "must be at least 1")
@@ -51,14 +56,50 @@ class SourceSettings:
             "save_additional_columns",
             f"{reserved} are written by the downloader itself and cannot be copied from the input",
         )
+        _require(
+            self.bbox_col is None or self.bbox_col not in RESERVED_COLUMNS,
+            "bbox_col",
+            f"{self.bbox_col!r} is a column the downloader writes itself",
+        )
+        _require(
+            (self.verify_hash_col is None) == (self.verify_hash_type is None),
+            "verify_hash",
+            "must be [column, hash type]",
+        )
+        _require(
+            self.verify_hash_type is None or self.verify_hash_type in HASH_TYPES,
+            "verify_hash",
+            f"the hash type {self.verify_hash_type!r} is not one of {list(HASH_TYPES)}",
+        )
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Input columns copied to the metadata as they are: save_additional_columns, then bbox_col."""
+        extras = [*self.save_additional_columns]
+        if self.bbox_col is not None and self.bbox_col not in extras:
+            extras.append(self.bbox_col)
+        return extras
 
     @property
     def input_columns(self) -> list[str]:
-        """Source column names to read, in img2dataset's metadata order: extras, caption, url."""
-        names = [*self.save_additional_columns]
+        """Source column names to read, in img2dataset's metadata order: extras, caption, the hash
+        to verify, url."""
+        names = self.extra_columns
         if self.caption_col is not None:
             names.append(self.caption_col)
+        if self.verify_hash_col is not None:
+            names.append(self.verify_hash_col)
         return [*names, self.url_col]
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """Input column name -> staged name: ``url``, ``caption`` and the verified hash's type."""
+        renames = {self.url_col: "url"}
+        if self.caption_col is not None:
+            renames[self.caption_col] = "caption"
+        if self.verify_hash_col is not None and self.verify_hash_type is not None:
+            renames[self.verify_hash_col] = self.verify_hash_type
+        return renames
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +112,7 @@ class FetchSettings:
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
     max_download_bytes: int = 64 * 1024 * 1024
     max_redirects: int = 10
+    ignore_ssl_certificate: bool = False  # accept any certificate on https URLs
 
     def __post_init__(self) -> None:
         _require(self.timeout > 0, "timeout", "must be a positive number of seconds")
@@ -97,6 +139,10 @@ class ImageSettings:
     max_decoded_pixels: int = 89_478_485
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (and WebP at 1/2) when the target is that small.
     reduced_jpeg_decode: bool = True
+    # Keep the downloaded bytes when the image needs no resizing and is already in encode_format.
+    skip_reencode: bool = False
+    # Keep the downloaded bytes as they are: no decoding, no checks, no resizing.
+    disable_all_reencoding: bool = False
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 1, "image_size", "must be at least 1 pixel")
@@ -130,7 +176,7 @@ class OutputSettings:
     extract_exif: bool = True
     compute_hash: str | None = "sha256"
 
-    FORMATS: ClassVar[tuple[str, ...]] = ("files", "webdataset", "parquet", "dummy")
+    FORMATS: ClassVar[tuple[str, ...]] = ("files", "webdataset", "parquet", "tfrecord", "dummy")
 
     def __post_init__(self) -> None:
         _require(self.output_format in self.FORMATS, "output_format", f"must be one of {list(self.FORMATS)}")
@@ -158,6 +204,15 @@ class DownloadSettings:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+
+    def __post_init__(self) -> None:
+        verify = self.source.verify_hash_type
+        _require(
+            verify is None or verify == self.output.compute_hash,
+            "verify_hash",
+            f"the hash type {verify!r} must be compute_hash's ({self.output.compute_hash!r}), "
+            "as the computed hash replaces the verified column in the metadata",
+        )
 
     @classmethod
     def from_flags(cls, **flags: Any) -> DownloadSettings:

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import cv2
+import pyarrow as pa
 
 from ..errors import ShardError
 from .fetch import Fetcher
-from .images import ImageError, ImageProcessor, digest, exif_json
+from .images import ImageError, ImageProcessor, digest, exif_json, parse_boxes
 from .probe import probe
 from .settings import DownloadSettings, sample_key
 from .sources import Staging
@@ -163,20 +164,30 @@ class _SampleWorker:
         self.cpu = cpu
         self.extract_exif = settings.output.extract_exif
         self.hash_type = settings.output.compute_hash
+        self.verify = settings.source.verify_hash_type is not None
+        self.keep_bytes = settings.image.disable_all_reencoding
 
-    def __call__(self, url: str | None) -> _Outcome:
-        if not url:
+    def __call__(self, task: _Task) -> _Outcome:
+        if not task.url:
             return _Outcome("failed_to_download", "empty URL")
-        fetched = self.fetcher.fetch(url)
+        fetched = self.fetcher.fetch(task.url)
         if fetched.data is None:
             return _Outcome("failed_to_download", fetched.error)
         raw = fetched.data
-        return self.cpu.run(lambda: self._process(raw))
+        # hashlib releases the GIL on large buffers: the download thread hashes, not the CPU pool.
+        hash_ = digest(raw, self.hash_type) if self.hash_type else None
+        if self.verify and hash_ != task.expected_hash:
+            return _Outcome("failed_to_download", "hash mismatch")
+        if self.keep_bytes:
+            # disable_all_reencoding: the bytes as downloaded, not even decoded (img2dataset's rule).
+            exif = exif_json(raw, probe(raw)) if self.extract_exif else None
+            return _Outcome("success", image=self.spool.put(raw), exif=exif, hash=hash_)
+        return self.cpu.run(lambda: self._process(raw, hash_, task.boxes))
 
-    def _process(self, raw: bytes) -> _Outcome:
+    def _process(self, raw: bytes, hash_: str | None, boxes: Any) -> _Outcome:
         header = probe(raw)
         try:
-            image = self.processor.process(raw, header)
+            image = self.processor.process(raw, header, parse_boxes(boxes))
         except ImageError as err:
             return _Outcome("failed_to_resize", str(err))
         return _Outcome(
@@ -187,8 +198,29 @@ class _SampleWorker:
             original_width=image.original_width,
             original_height=image.original_height,
             exif=exif_json(raw, header) if self.extract_exif else None,
-            hash=digest(raw, self.hash_type) if self.hash_type else None,
+            hash=hash_,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    """What a download thread needs of one input row."""
+
+    url: str | None
+    expected_hash: str | None = None  # verify_hash's column
+    boxes: Any = None  # bbox_col's value: the boxes to blur
+
+
+def _tasks(rows: pa.Table, settings: DownloadSettings) -> list[_Task]:
+    source = settings.source
+    urls = rows.column("url").to_pylist()
+    hashes = (
+        rows.column(source.verify_hash_type).to_pylist()
+        if source.verify_hash_type is not None
+        else [None] * len(urls)
+    )
+    boxes = rows.column(source.bbox_col).to_pylist() if source.bbox_col is not None else [None] * len(urls)
+    return [_Task(u, h, b) for u, h, b in zip(urls, hashes, boxes, strict=True)]
 
 
 def build_shard(
@@ -221,9 +253,9 @@ def build_shard(
     fetcher = Fetcher(settings.fetch)
     try:
         worker = _SampleWorker(settings, fetcher, spool, cpu)
-        urls = rows.column("url").to_pylist()
-        with ThreadPoolExecutor(max(1, min(workers.thread_count, len(urls))), "img2ds-dl") as pool:
-            outcomes = list(pool.map(worker, urls))
+        tasks = _tasks(rows, settings)
+        with ThreadPoolExecutor(max(1, min(workers.thread_count, len(tasks))), "img2ds-dl") as pool:
+            outcomes = list(pool.map(worker, tasks))
         # A stale stats file would make a half-rewritten shard look complete: it goes first.
         remove(target.stats_path)
         with open_writer(settings.output.output_format, target) as writer:
@@ -269,7 +301,8 @@ def _meta(row: dict[str, Any], key: str, o: _Outcome, settings: DownloadSettings
     if settings.output.extract_exif:
         meta["exif"] = o.exif
     hash_type = settings.output.compute_hash
-    if hash_type is not None and hash_type not in row:
+    if hash_type is not None:
+        # Also replaces verify_hash's column (staged under the hash type's name), as img2dataset does.
         meta[hash_type] = o.hash
     return meta
 

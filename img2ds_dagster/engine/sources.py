@@ -128,6 +128,9 @@ def read_table(path: str, settings: DownloadSettings) -> pa.Table:
     except (pa.ArrowInvalid, ValueError, OSError, UnicodeDecodeError, EOFError) as err:
         raise InputTableError(f"{path}: cannot read as {fmt}: {err}") from err
 
+    if fmt.startswith("txt") and (source.verify_hash_col or source.bbox_col):
+        option = "verify_hash" if source.verify_hash_col else "bbox_col"
+        raise InputTableError(f"{path}: {option} needs a column, and a {fmt} file holds URLs only")
     wanted = ["url"] if fmt.startswith("txt") else source.input_columns
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
@@ -138,9 +141,7 @@ def read_table(path: str, settings: DownloadSettings) -> pa.Table:
     if fmt.startswith("txt"):
         return table
     table = table.select(wanted)
-    renames = {source.url_col: "url"}
-    if source.caption_col is not None:
-        renames[source.caption_col] = "caption"
+    renames = source.renames
     table = table.rename_columns([renames.get(c, c) for c in table.column_names])
     return _urls_as_strings(path, table)
 

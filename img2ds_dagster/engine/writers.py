@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .settings import OutputSettings
 from .storage import AtomicFolder, atomic_open, join
+from .tfrecord import BytesList, Feature, TFRecordStream, encode_example, to_features
 
 TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter stamps the current time
 TAR_OWNER = "bigdata"  # webdataset's default owner, kept so tars look like img2dataset's
@@ -251,6 +252,39 @@ class ParquetWriter:
         pass
 
 
+class TFRecordWriter:
+    """``<name>.tfrecord`` with one tf.train.Example per successful sample, as img2dataset writes it:
+    ``key``, ``<ext>`` (the image), ``txt`` when captions are saved, and every metadata column by
+    img2dataset's type rules (see ``tfrecord.to_features``); plus the parquet."""
+
+    def __init__(self, target: ShardTarget) -> None:
+        self.target = target
+        self.metadata = MetadataTable(target)
+        self._stack = contextlib.ExitStack()
+        raw = self._stack.enter_context(atomic_open(join(target.folder, f"{target.name}.tfrecord")))
+        self._records = TFRecordStream(raw)
+
+    def write(self, sample: Sample) -> None:
+        self.metadata.add(sample.meta)
+        if sample.image is None:
+            return
+        features: dict[str, Feature] = {
+            "key": BytesList([sample.key.encode()]),
+            self.target.encode_format: BytesList([sample.image]),
+        }
+        if self.target.save_caption:
+            features["txt"] = BytesList([caption_text(sample.caption)])
+        features.update(to_features(sample.meta))  # a column of the same name wins, as in img2dataset
+        self._records.write(encode_example(features))
+
+    def commit(self) -> int:
+        self._stack.close()  # renames the tfrecord into place
+        return self._records.size + self.metadata.commit()
+
+    def abort(self) -> None:
+        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
 class DummyWriter:
     """Writes nothing (img2dataset's benchmark format); only the stats file is written."""
 
@@ -271,6 +305,7 @@ WRITERS: dict[str, Callable[[ShardTarget], ShardWriter]] = {
     "files": FilesWriter,
     "webdataset": WebDatasetWriter,
     "parquet": ParquetWriter,
+    "tfrecord": TFRecordWriter,
     "dummy": DummyWriter,
 }
 

@@ -1,22 +1,32 @@
 """The code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here.
 
 Storage paths can be moved without editing code: IMG2DS_INBOX, IMG2DS_STAGING and IMG2DS_DATASETS
-(fsspec URLs; relative paths are relative to the project folder).
+(fsspec URLs, s3:// included; relative paths are relative to the project folder). IMG2DS_S3_INBOX
+(``s3://bucket/prefix/``) adds ``s3_url_drop_sensor`` on that prefix. S3 credentials and endpoint come
+from the standard AWS variables (see the README, "S3 and other storage").
 """
 
 import os
 
 import dagster as dg
 
-from .defs.resources import StorageResource, WorkersResource
-from .defs.sensors import new_shards_sensor, url_drop_sensor
+from .defs.resources import S3InboxResource, StorageResource, WorkersResource, s3_resource
+from .defs.sensors import new_shards_sensor, s3_url_drop_sensor, url_drop_sensor
 from .defs.shards import shards
 from .defs.stats import download_stats, download_stats_sensor
 from .defs.url_tables import url_tables
 
+S3_INBOX = os.environ.get("IMG2DS_S3_INBOX")
+
 defs = dg.Definitions(
     assets=[url_tables, shards, download_stats],
-    sensors=[url_drop_sensor, new_shards_sensor, download_stats_sensor],
+    sensors=[
+        url_drop_sensor,
+        new_shards_sensor,
+        download_stats_sensor,
+        # Only where an S3 inbox is configured: elsewhere it could only fail or skip on every tick.
+        *([s3_url_drop_sensor] if S3_INBOX else []),
+    ],
     resources={
         "storage": StorageResource(
             inbox=os.environ.get("IMG2DS_INBOX", "data/inbox"),
@@ -24,6 +34,8 @@ defs = dg.Definitions(
             datasets=os.environ.get("IMG2DS_DATASETS", "data/datasets"),
         ),
         "workers": WorkersResource(),
+        "s3": s3_resource(),
+        **({"s3_inbox": S3InboxResource(url=S3_INBOX)} if S3_INBOX else {}),
     },
     # One process per run: a shard run parallelises inside (threads, and processes for several
     # shards); a process per step would only add start-up time.

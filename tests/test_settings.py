@@ -134,7 +134,6 @@ def test_bad_options_are_refused_by_name(tmp_path: object, option: dict[str, obj
         download(url_list=str(tmp_path), **option)  # type: ignore[arg-type]
 
 
-
 def test_shard_names_and_keys() -> None:
     assert shard_name(12, 5) == "00012"
     # shard 12, sample 34 of a 10000-sample shard: 5 + ceil(log10(10000)) = 9 digits

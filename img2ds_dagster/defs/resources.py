@@ -1,4 +1,5 @@
-"""Resources: where URL files arrive and datasets go, and how much parallelism a shard run uses.
+"""Resources: where URL files arrive and datasets go, how much parallelism a shard run uses, and
+the S3 client and inbox of ``s3_url_drop_sensor``.
 
 Paths are fsspec URLs; relative ones are relative to the code location's working directory (the
 project folder, as ``workspace.yaml`` sets it).
@@ -6,13 +7,21 @@ project folder, as ``workspace.yaml`` sets it).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
 import dagster as dg
 import fsspec
+import pydantic
+from dagster_aws.s3 import S3Resource
 
 from ..engine.shard import Workers
-from ..engine.sources import INPUT_FORMATS, Staging, input_format_of, table_key
+from ..engine.sources import INPUT_FORMATS, Staging, table_key
 from ..engine.storage import join
-from ..errors import InputTableError
+from ..errors import InputTableError, StagingMissingError
+from .inbox import is_url_file, split_s3_url
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -42,15 +51,19 @@ class StorageResource(dg.ConfigurableResource):
         found = []
         for info in fs.ls(root, detail=True):
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-            if info["type"] != "file" or name.startswith((".", "_")) or input_format_of(name) is None:
+            if info["type"] != "file" or not is_url_file(name):
                 continue
             path = fs.unstrip_protocol(info["name"]) if "://" in self.inbox else info["name"]
             found.append((path, _arrival(info)))
         return sorted(found, key=lambda f: (f[1], f[0]))
 
     def inbox_file(self, table: str) -> str:
-        """The inbox file whose name gives the partition key ``table``."""
+        """The inbox file whose name gives the partition key ``table``; for a table staged before
+        from a file that is not in this inbox (the S3 inbox's, or a ``source``), that file again."""
         matches = [path for path, _ in self.inbox_files() if table_key(path) == table]
+        if not matches:
+            with contextlib.suppress(StagingMissingError):
+                return self.staging_area().manifest(table).source
         if len(matches) != 1:
             problem = "no file" if not matches else f"several files ({matches})"
             raise InputTableError(
@@ -90,3 +103,45 @@ class WorkersResource(dg.ConfigurableResource):
             cpu_threads=self.cpu_threads,
             spool_dir=self.spool_dir,
         )
+
+
+class S3InboxResource(dg.ConfigurableResource):
+    """An S3 prefix that URL files are dropped under (``s3://bucket/prefix/``), for
+    ``s3_url_drop_sensor``. Its settings files live under the same prefix."""
+
+    url: str
+    # Ticks between two full listings of the prefix; the ticks in between list only the keys that sort
+    # after the last one listed. At the sensor's 10 s interval, 30 is a full listing every 5 minutes.
+    full_listing_every: int = 30
+    # A file whose LastModified is this much older than the newest file picked up, and that sorts
+    # before it, is taken for one picked up already. A multipart upload's LastModified is when it
+    # started: this must exceed the longest upload plus the time between two full listings.
+    late_upload_window_seconds: float = 3600.0
+
+    @pydantic.field_validator("url")
+    @classmethod
+    def _an_s3_prefix(cls, url: str) -> str:
+        split_s3_url(url)  # a bad IMG2DS_S3_INBOX stops the code location from loading, named
+        return url
+
+    def bucket_and_prefix(self) -> tuple[str, str]:
+        return split_s3_url(self.url)
+
+
+# The standard AWS variables, read by boto3 and by botocore under s3fs alike: one set configures this
+# resource and every s3:// path (inbox, staging, datasets, url_list, output_folder), in every process.
+S3_ENV_VARS = {
+    "endpoint_url": "AWS_ENDPOINT_URL",  # S3-compatible stores (MinIO, R2, moto); unset: AWS
+    "region_name": "AWS_DEFAULT_REGION",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
+}
+
+
+def s3_resource(environ: Mapping[str, str] = os.environ) -> S3Resource:
+    """dagster-aws's S3Resource, configured from the AWS variables that are set. Each is passed as a
+    ``dg.EnvVar``: Dagster resolves it when the resource is used, and the UI shows the variable's
+    name, never its value. Unset variables are left to boto3's usual lookup (profile, instance role)."""
+    config: dict[str, Any] = {field: dg.EnvVar(var) for field, var in S3_ENV_VARS.items() if environ.get(var)}
+    return S3Resource(**config)

@@ -1,5 +1,5 @@
-"""Sensors: new URL files in the inbox become ``url_tables`` partitions and runs; newly staged tables
-get their shards built, several shards per run.
+"""Sensors: new URL files in the inbox (a folder, or an S3 prefix listed incrementally) become
+``url_tables`` partitions and runs; newly staged tables get their shards built, several shards per run.
 
 Shards are requested by a sensor reading new ``url_tables`` materializations (cost grows with new
 events), not by an automation condition on ``shards`` (each tick costs ~7.5 s of CPU at 100k shard
@@ -10,16 +10,18 @@ partitions, see the design findings).
 # decorated functions (context, config, resources) at definition time and needs real types.
 
 import time
+from collections.abc import Sequence
 
 import dagster as dg
 import pydantic
+from dagster_aws.s3 import S3Resource
 
 from ..config import DownloadConfig, UrlTableConfig
 from ..engine.sources import Staging, table_key
 from ..errors import ConfigError, Img2dsError, InputTableError, StagingMissingError
-from .inbox import DropCursor, inbox_settings
+from .inbox import DropCursor, S3DropCursor, inbox_settings, list_s3_inbox
 from .partitions import SHARDS, contiguous_ranges, url_tables_partitions
-from .resources import StorageResource
+from .resources import S3InboxResource, StorageResource
 from .shards import MAX_SHARDS_PER_RUN, shards
 from .url_tables import url_tables
 
@@ -38,23 +40,71 @@ def url_drop_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     cursor = DropCursor.parse(context.cursor)
     settled_before = time.time() - storage.inbox_settle_seconds
-    staging = storage.staging_area()
-    requests: list[dg.RunRequest] = []
-    new_keys: list[str] = []
-    skipped = 0
+    drops: list[tuple[str, float]] = []
     # Oldest first: the cursor is a high-water mark, so a younger file must not pass an older one.
     for path, arrival in storage.inbox_files():
         if arrival > settled_before:
             break  # still being copied in, and so may be everything younger: next tick
-        if not cursor.is_new(path, arrival):
-            continue
-        cursor.advance(path, arrival)
+        if cursor.is_new(path, arrival):
+            cursor.advance(path, arrival)
+            drops.append((path, arrival))
+    if not drops:
+        return dg.SkipReason(f"no new settled URL file in {storage.inbox}")
+    return _drop_result(context, drops, storage.staging_area(), cursor.dump(), "")
+
+
+@dg.sensor(
+    target=[url_tables],
+    minimum_interval_seconds=10,
+    # Only in the code location when IMG2DS_S3_INBOX is set (definitions.py); running from then on.
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Registers each new URL file under the S3 inbox prefix as a url_tables partition and "
+    "stages it; lists only the keys after the last one seen, and the whole prefix every few ticks.",
+)
+def s3_url_drop_sensor(
+    context: dg.SensorEvaluationContext,
+    storage: StorageResource,
+    s3: S3Resource,
+    s3_inbox: S3InboxResource,
+) -> dg.SensorResult:
+    # The cursor is saved on every tick, new files or not: it counts the ticks to the next full listing.
+    cursor = S3DropCursor.parse(context.cursor, s3_inbox.url)
+    bucket, prefix = s3_inbox.bucket_and_prefix()
+    full = cursor.full_listing_due(s3_inbox.full_listing_every)
+    start_after = "" if full else cursor.after
+    listing = "full listing" if full else f"keys after {start_after}"
+    objects, last_key = list_s3_inbox(s3.get_client(), bucket, prefix, start_after)
+    window = s3_inbox.late_upload_window_seconds
+    # Judged against the cursor as it was before this tick, then taken oldest first.
+    new = sorted((o for o in objects if cursor.is_new(o, window)), key=lambda o: (o.last_modified, o.key))
+    for obj in new:
+        cursor.advance(obj)
+    cursor.listed(last_key, full, window)
+    if not new:
+        return dg.SensorResult(
+            skip_reason=f"no new URL file under {s3_inbox.url} ({listing})", cursor=cursor.dump()
+        )
+    drops = [(f"s3://{bucket}/{obj.key}", obj.last_modified) for obj in new]
+    return _drop_result(context, drops, storage.staging_area(), cursor.dump(), f" ({listing})")
+
+
+def _drop_result(
+    context: dg.SensorEvaluationContext,
+    drops: Sequence[tuple[str, float]],
+    staging: Staging,
+    cursor: str,
+    note: str,
+) -> dg.SensorResult:
+    """A url_tables partition and run for each new file (path, arrival time); a file that cannot be
+    staged is reported in the log and passed over, the cursor moving past it all the same."""
+    requests: list[dg.RunRequest] = []
+    new_keys: list[str] = []
+    for path, arrival in drops:
         try:
             key, config = _drop_request(path, new_keys, staging)
         except Img2dsError as err:
             # Reported once and left behind: fix the file or its settings, then touch it.
             context.log.error(f"{path}: skipped: {err}")
-            skipped += 1
             continue
         new_keys.append(key)
         requests.append(
@@ -65,16 +115,14 @@ def url_drop_sensor(
                 tags={"img2ds/table": key},
             )
         )
-    if not requests and not skipped:
-        return dg.SkipReason(f"no new settled URL file in {storage.inbox}")
-    if not requests:  # the cursor still moves past the files that were reported
+    if not requests:
         return dg.SensorResult(
-            skip_reason=f"{skipped} new file(s) skipped, see the log", cursor=cursor.dump()
+            skip_reason=f"{len(drops)} new file(s) skipped, see the log{note}", cursor=cursor
         )
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[url_tables_partitions.build_add_request(new_keys)],
-        cursor=cursor.dump(),
+        cursor=cursor,
     )
 
 

@@ -17,6 +17,13 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+# s3fs keeps every listing for the life of the process and then answers "no such file" for an object
+# another process wrote since: a sensor in a long-lived code server would never see a new drop, nor a
+# stats refresh a newly staged table. The pipeline lists rarely, so every listing asks the store.
+# (Credentials and the endpoint reach s3fs through the standard AWS variables, AWS_ENDPOINT_URL
+# included, which botocore reads by itself: see the README, "S3 and other storage".)
+fsspec.config.conf.setdefault("s3", {}).setdefault("use_listings_cache", False)
+
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])

@@ -10,18 +10,20 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import fsspec
 import pydantic
-from dagster_aws.s3 import S3Resource
 
 from ..engine.shard import Workers
 from ..engine.sources import INPUT_FORMATS, Staging, table_key
 from ..engine.storage import join
 from ..errors import InputTableError, StagingMissingError
 from .inbox import is_url_file, split_s3_url
+
+if TYPE_CHECKING:
+    from dagster_aws.s3 import S3Resource
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -143,5 +145,8 @@ def s3_resource(environ: Mapping[str, str] = os.environ) -> S3Resource:
     """dagster-aws's S3Resource, configured from the AWS variables that are set. Each is passed as a
     ``dg.EnvVar``: Dagster resolves it when the resource is used, and the UI shows the variable's
     name, never its value. Unset variables are left to boto3's usual lookup (profile, instance role)."""
+    # Imported here: dagster_aws takes half a second to import, which download() does not need.
+    from dagster_aws.s3 import S3Resource  # noqa: PLC0415
+
     config: dict[str, Any] = {field: dg.EnvVar(var) for field, var in S3_ENV_VARS.items() if environ.get(var)}
     return S3Resource(**config)

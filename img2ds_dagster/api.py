@@ -208,7 +208,7 @@ def _stage_tables(
     if incremental_mode == "extend":
         first_shard_id = 1 + max((m.shard_ids[-1] for m in existing.values() if m.shard_count), default=-1)
         # The same file again is new data to add, under a table name of its own.
-        sources = {_unused_key(table, existing): source for table, source in sources.items()}
+        sources = dict(zip(fresh_names(list(sources), set(existing)), sources.values(), strict=True))
     others = {table: m for table, m in existing.items() if table not in sources}
     keys: list[str] = []
     for table, source in sources.items():
@@ -295,10 +295,18 @@ def _start_over(runner: AssetRunner, output_folder: str) -> None:
     runner.forget_everything()
 
 
-def _unused_key(table: str, existing: Mapping[str, TableManifest]) -> str:
-    if table not in existing:
-        return table
-    return next(f"{table}-{n}" for n in itertools.count(2) if f"{table}-{n}" not in existing)
+def fresh_names(tables: list[str], existing: set[str]) -> list[str]:
+    """``tables`` renamed ``<name>-2``, ``<name>-3``... where they clash with an existing table,
+    never taking another one's name."""
+    taken = existing | set(tables)
+    names = []
+    for table in tables:
+        name = table
+        if table in existing:
+            name = next(f"{table}-{n}" for n in itertools.count(2) if f"{table}-{n}" not in taken)
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _overlapping(manifest: TableManifest, others: Mapping[str, TableManifest]) -> ConfigError | None:

@@ -16,6 +16,7 @@ from imageserver import ImageServer
 
 import img2ds_dagster.engine.shard as engine_shard
 from img2ds_dagster import download
+from img2ds_dagster.api import fresh_names
 from img2ds_dagster.errors import ConfigError, InputTableError, ShardError
 
 FAST = {"thread_count": 8, "timeout": 2}
@@ -209,3 +210,10 @@ def test_cli_reports_bad_options(tmp_path: Path) -> None:
     typo = run_cli("download", "--url_list=urls.txt", "--image_sise=3", cwd=tmp_path)
     assert typo.returncode == 2
     assert "unrecognized arguments: --image_sise=3" in typo.stderr
+
+
+def test_extend_gives_clashing_tables_fresh_names() -> None:
+    assert fresh_names(["a", "b"], set()) == ["a", "b"]
+    assert fresh_names(["a", "b"], {"a"}) == ["a-2", "b"]
+    assert fresh_names(["a", "a-2"], {"a", "a-3"}) == ["a-4", "a-2"]
+    assert fresh_names(["a-2", "a"], {"a", "a-2"}) == ["a-2-2", "a-3"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import inspect
 import logging
 import sys
@@ -113,7 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print("usage: img2ds {download,demo} [options]   (img2ds download --help)", file=sys.stderr)
         return 2
-    return commands[argv[0]](argv[1:])
+    status = commands[argv[0]](argv[1:])
+    # The process ends next (this is the console script's entry point): frozen objects are left out
+    # of the interpreter's last garbage collection, which otherwise walks the ~150k objects Dagster
+    # and its libraries create, 0.3-0.6 s of exit time on every command.
+    gc.freeze()
+    return status
 
 
 def _run_demo(argv: Sequence[str]) -> int:

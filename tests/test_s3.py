@@ -25,6 +25,7 @@ from conftest import write_url_file
 from dagster_support import daemon_workspace, sensor_cursors, tick_sensors
 from imageserver import ImageServer
 from s3server import S3Server
+from test_writers import SCHEMA, fail_half_way, samples
 
 from img2ds_dagster import download
 from img2ds_dagster.defs.inbox import S3DropCursor, S3Object, split_s3_url
@@ -34,6 +35,7 @@ from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG, s3_url_d
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
+from img2ds_dagster.engine.writers import ShardTarget, open_writer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Four images that download and two URLs that fail, one of each kind.
@@ -318,6 +320,23 @@ def test_a_file_dropped_in_an_s3_inbox_becomes_a_dataset_in_another_bucket(
     assert members == dict.fromkeys(("jpg", "json", "txt"), successes)
     totals = json.loads(fs.cat("out/datasets/download_stats.json"))["totals"]
     assert (totals["count"], totals["successes"]) == (len(urls), successes)
+
+
+def test_a_failed_shard_rewrite_leaves_the_bucket_as_it_was(s3: S3Server, client: Any) -> None:
+    client.create_bucket(Bucket="rewrite")
+    shard = ShardTarget("s3://rewrite/dataset", "00000", SCHEMA, "jpg", True)
+    with open_writer("webdataset", shard) as writer:
+        for sample in samples():
+            writer.write(sample)
+        writer.commit()
+    fs = fsspec.filesystem("s3")
+    before = {path: fs.cat_file(path) for path in fs.find("rewrite/dataset")}
+    assert sorted(before) == ["rewrite/dataset/00000.parquet", "rewrite/dataset/00000.tar"]
+
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way("webdataset", shard)
+    assert {path: fs.cat_file(path) for path in fs.find("rewrite/dataset")} == before
+    assert client.list_multipart_uploads(Bucket="rewrite").get("Uploads", []) == []
 
 
 # --- download() ------------------------------------------------------------------------------------

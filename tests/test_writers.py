@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +25,7 @@ from img2ds_dagster.engine.writers import (
 )
 
 INPUT = pa.schema([("license", pa.string()), ("caption", pa.string()), ("url", pa.string())])
+SCHEMA = metadata_schema(INPUT, OutputSettings())
 
 
 def samples() -> list[Sample]:
@@ -127,15 +131,17 @@ def test_dummy_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def fail_half_way(output_format: str, shard: ShardTarget, count: int = 1) -> None:
+    with open_writer(output_format, shard) as writer:
+        for sample in samples()[:count]:
+            writer.write(sample)
+        raise RuntimeError("the shard failed half way")
+
+
 @pytest.mark.parametrize("output_format", sorted(WRITERS))
 def test_a_failed_shard_leaves_no_file(tmp_path: Path, output_format: str) -> None:
-    def fail_half_way() -> None:
-        with open_writer(output_format, target(tmp_path)) as writer:
-            writer.write(samples()[0])
-            raise RuntimeError("the shard failed half way")
-
-    with pytest.raises(RuntimeError):
-        fail_half_way()
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way(output_format, target(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -170,3 +176,46 @@ def test_tar_stream_is_byte_identical_to_tarfile() -> None:
     assert stream.size == len(ours.getvalue())
     with pytest.raises(ValueError, match="over 100 bytes"):
         stream.add("k" * 101, b"")
+
+
+@pytest.fixture
+def memory_folder() -> Iterator[str]:
+    """A folder on fsspec's in-memory filesystem, standing for any object store."""
+    fs = fsspec.filesystem("memory")
+    root = f"/img2ds-writers-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{root}/out"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def listing(folder: str) -> dict[str, bytes]:
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(path):
+        return {}
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.find(path)}
+
+
+@pytest.mark.parametrize("output_format", sorted(set(WRITERS) - {"dummy"}))
+def test_a_failed_shard_leaves_no_object_in_an_object_store(memory_folder: str, output_format: str) -> None:
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way(output_format, ShardTarget(memory_folder, "00000", SCHEMA, "jpg", True), count=4)
+    assert listing(memory_folder) == {}
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "tfrecord", "parquet"])
+@pytest.mark.parametrize("where", ["local", "object store"])
+def test_a_failed_rewrite_keeps_the_previous_shard(
+    tmp_path: Path, memory_folder: str, output_format: str, where: str
+) -> None:
+    folder = str(tmp_path) if where == "local" else memory_folder
+    shard = ShardTarget(folder, "00000", SCHEMA, "jpg", True)
+    with open_writer(output_format, shard) as writer:
+        for sample in samples():
+            writer.write(sample)
+        writer.commit()
+    before = listing(folder)
+    assert before
+
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way(output_format, shard)
+    assert listing(folder) == before

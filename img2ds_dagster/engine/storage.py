@@ -1,7 +1,9 @@
 """Paths on any fsspec filesystem, and atomic writes.
 
 Local files are written under a temporary name in the same folder and renamed into place, so a crash
-never leaves a file that looks complete. On object stores a PUT is already all-or-nothing.
+never leaves a file that looks complete. Files for any other filesystem (S3, GCS, memory, ...) are
+written to a local temporary file and uploaded in one go once complete: a failed shard never leaves a
+partial object, and the previous object stays in place until the new one is whole.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -46,25 +49,54 @@ def _temp_name(path: str) -> str:
     return os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
+class AtomicFile:
+    """A binary file that appears at ``path`` on ``commit()``; ``abort()`` leaves no trace of it.
+
+    Write to ``file``. Local paths get a temporary name in the target folder, renamed into place;
+    other filesystems get a local temporary file, uploaded whole by ``commit()``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._local = local_path(path)
+        if self._local is not None:
+            os.makedirs(os.path.dirname(self._local) or ".", exist_ok=True)
+            self._tmp = _temp_name(self._local)
+            self.file: IO[bytes] = open(self._tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
+        else:
+            self.file = tempfile.NamedTemporaryFile(prefix="img2ds-upload-", delete=False)  # noqa: SIM115
+            self._tmp = self.file.name
+
+    def commit(self) -> None:
+        self.file.close()
+        try:
+            if self._local is not None:
+                os.replace(self._tmp, self._local)
+                return
+            fs, p = fsspec.core.url_to_fs(self.path)
+            fs.put_file(self._tmp, p)
+        finally:
+            self._discard()
+
+    def abort(self) -> None:
+        self.file.close()
+        self._discard()
+
+    def _discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._tmp)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str) -> Iterator[IO[bytes]]:
     """A binary file that appears at ``path`` only if the ``with`` block succeeds."""
-    local = local_path(path)
-    if local is None:
-        fs, p = fsspec.core.url_to_fs(path)
-        with fs.open(p, "wb") as f:
-            yield f
-        return
-    os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-    tmp = _temp_name(local)
+    atomic = AtomicFile(path)
     try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, local)
+        yield atomic.file
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        atomic.abort()
         raise
+    atomic.commit()
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
@@ -140,3 +172,5 @@ class AtomicFolder:
     def abort(self) -> None:
         if self._local is not None:
             shutil.rmtree(self.work, ignore_errors=True)
+        else:  # the files written so far (the old ones went in __init__)
+            remove(self.work)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .settings import OutputSettings
-from .storage import AtomicFolder, atomic_open, join
+from .storage import AtomicFile, AtomicFolder, atomic_open, join
 from .tfrecord import BytesList, Feature, TFRecordStream, encode_example, to_features
 
 TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter stamps the current time
@@ -179,9 +179,8 @@ class WebDatasetWriter:
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self._stack = contextlib.ExitStack()
-        raw = self._stack.enter_context(atomic_open(join(target.folder, f"{target.name}.tar")))
-        self._tar = UstarStream(raw)
+        self._file = AtomicFile(join(target.folder, f"{target.name}.tar"))
+        self._tar = UstarStream(self._file.file)
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)
@@ -198,11 +197,11 @@ class WebDatasetWriter:
 
     def commit(self) -> int:
         self._tar.close()
-        self._stack.close()  # renames the tar into place
+        self._file.commit()
         return self._tar.size + self.metadata.commit()
 
     def abort(self) -> None:
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._file.abort()
 
 
 class FilesWriter:
@@ -260,9 +259,8 @@ class TFRecordWriter:
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self._stack = contextlib.ExitStack()
-        raw = self._stack.enter_context(atomic_open(join(target.folder, f"{target.name}.tfrecord")))
-        self._records = TFRecordStream(raw)
+        self._file = AtomicFile(join(target.folder, f"{target.name}.tfrecord"))
+        self._records = TFRecordStream(self._file.file)
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)
@@ -278,11 +276,11 @@ class TFRecordWriter:
         self._records.write(encode_example(features))
 
     def commit(self) -> int:
-        self._stack.close()  # renames the tfrecord into place
+        self._file.commit()
         return self._records.size + self.metadata.commit()
 
     def abort(self) -> None:
-        self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+        self._file.abort()
 
 
 class DummyWriter:

@@ -56,7 +56,8 @@ def restored(raw: bytes) -> bytes | None:
             (crc,) = struct.unpack_from(">I", raw, offset + 8 + length)
             if _crc32(chunk) != crc:
                 return None  # libpng rejects a corrupt IDAT: so must we
-            first = first if idat else offset
+            if not idat:
+                first = offset
             idat.append(view[offset + 8 : offset + 8 + length])
             last = offset + 12 + length
         elif kind == b"IEND":

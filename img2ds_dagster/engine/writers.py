@@ -173,35 +173,57 @@ class MetadataTable:
         return f.size
 
 
-class WebDatasetWriter:
-    """``<name>.tar`` with ``<key>.<ext>``, ``<key>.json`` and ``<key>.txt`` members, plus the parquet."""
+class _OneFileWriter:
+    """A shard made of one data file, ``<name>.<suffix>``, holding the successful samples, plus the
+    parquet; the data file appears on ``commit()`` (see ``storage.AtomicFile``)."""
+
+    suffix: str
 
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self._file = AtomicFile(join(target.folder, f"{target.name}.tar"))
-        self._tar = UstarStream(self._file.file)
+        self._file = AtomicFile(join(target.folder, f"{target.name}.{self.suffix}"))
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)
-        if sample.image is None:
-            return
-        members = {self.target.encode_format: sample.image, "json": sample_json(sample.meta)}
-        if self.target.save_caption:
-            members["txt"] = caption_text(sample.caption)
-        for ext in sorted(members):  # webdataset's member order
-            self._add(f"{sample.key}.{ext}", members[ext])
+        if sample.image is not None:
+            self._write_image(sample, sample.image)
 
-    def _add(self, name: str, data: bytes) -> None:
-        self._tar.add(name, data)
+    def _write_image(self, sample: Sample, image: bytes) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> int:
+        """Ends the data file; returns its size in bytes."""
+        raise NotImplementedError
 
     def commit(self) -> int:
-        self._tar.close()
+        size = self._finish()
         self._file.commit()
-        return self._tar.size + self.metadata.commit()
+        return size + self.metadata.commit()
 
     def abort(self) -> None:
         self._file.abort()
+
+
+class WebDatasetWriter(_OneFileWriter):
+    """``<name>.tar`` with ``<key>.<ext>``, ``<key>.json`` and ``<key>.txt`` members, plus the parquet."""
+
+    suffix = "tar"
+
+    def __init__(self, target: ShardTarget) -> None:
+        super().__init__(target)
+        self._tar = UstarStream(self._file.file)
+
+    def _write_image(self, sample: Sample, image: bytes) -> None:
+        members = {self.target.encode_format: image, "json": sample_json(sample.meta)}
+        if self.target.save_caption:
+            members["txt"] = caption_text(sample.caption)
+        for ext in sorted(members):  # webdataset's member order
+            self._tar.add(f"{sample.key}.{ext}", members[ext])
+
+    def _finish(self) -> int:
+        self._tar.close()
+        return self._tar.size
 
 
 class FilesWriter:
@@ -251,36 +273,29 @@ class ParquetWriter:
         pass
 
 
-class TFRecordWriter:
+class TFRecordWriter(_OneFileWriter):
     """``<name>.tfrecord`` with one tf.train.Example per successful sample, as img2dataset writes it:
     ``key``, ``<ext>`` (the image), ``txt`` when captions are saved, and every metadata column by
     img2dataset's type rules (see ``tfrecord.to_features``); plus the parquet."""
 
+    suffix = "tfrecord"
+
     def __init__(self, target: ShardTarget) -> None:
-        self.target = target
-        self.metadata = MetadataTable(target)
-        self._file = AtomicFile(join(target.folder, f"{target.name}.tfrecord"))
+        super().__init__(target)
         self._records = TFRecordStream(self._file.file)
 
-    def write(self, sample: Sample) -> None:
-        self.metadata.add(sample.meta)
-        if sample.image is None:
-            return
+    def _write_image(self, sample: Sample, image: bytes) -> None:
         features: dict[str, Feature] = {
             "key": BytesList([sample.key.encode()]),
-            self.target.encode_format: BytesList([sample.image]),
+            self.target.encode_format: BytesList([image]),
         }
         if self.target.save_caption:
             features["txt"] = BytesList([caption_text(sample.caption)])
         features.update(to_features(sample.meta))  # a column of the same name wins, as in img2dataset
         self._records.write(encode_example(features))
 
-    def commit(self) -> int:
-        self._file.commit()
-        return self._records.size + self.metadata.commit()
-
-    def abort(self) -> None:
-        self._file.abort()
+    def _finish(self) -> int:
+        return self._records.size
 
 
 class DummyWriter:

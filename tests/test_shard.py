@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import tarfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
+from img2ds_dagster.engine import shard as shard_module
 from img2ds_dagster.engine.settings import DownloadSettings
-from img2ds_dagster.engine.shard import ShardJob, Workers, build_shard, build_shards
+from img2ds_dagster.engine.shard import CpuPool, ShardJob, ShardResult, Workers, build_shard, build_shards
 from img2ds_dagster.engine.sources import Staging, TableManifest
 from img2ds_dagster.errors import ShardError
 
@@ -125,3 +129,72 @@ def test_unknown_shard_id_is_a_shard_error(server: ImageServer, tmp_path: Path) 
     staging, _ = stage(tmp_path, [server.url("/gen/10x10.jpg")])
     with pytest.raises(ShardError, match="table 't' has shards range"):
         build_shard(staging, "t", 5, WORKERS)
+
+
+def _queue_behind_a_busy_worker(pool: CpuPool, tasks: list[tuple[str, int]]) -> list[str]:
+    """Occupy the pool's only thread, queue ``(name, lane)`` tasks one by one from their own
+    threads, then let the pool go: returns the names in the order the pool ran them."""
+    busy, release = threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def block() -> None:
+        busy.set()
+        release.wait(30)
+
+    threads = [threading.Thread(target=pool.run, args=(block,))]
+    threads[0].start()
+    try:
+        assert busy.wait(10), "the pool never started the blocking task"
+        for queued, (name, lane) in enumerate(tasks, start=1):
+            threads.append(threading.Thread(target=pool.run, args=(lambda n=name: done.append(n), lane)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while pool._queue.qsize() < queued:  # queued in this order, not just started
+                assert time.monotonic() < deadline, "a task was never queued"
+                time.sleep(0.001)
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    return done
+
+
+def test_cpu_pool_serves_the_oldest_lane_first_and_the_newest_work_within_a_lane() -> None:
+    with CpuPool(1) as pool:
+        first, second = pool.lane(), pool.lane()
+        assert first < second
+        order = _queue_behind_a_busy_worker(
+            pool, [("b1", second), ("a1", first), ("b2", second), ("a2", first), ("a3", first)]
+        )
+    assert order == ["a3", "a2", "a1", "b2", "b1"]
+
+
+def test_cpu_pool_hands_a_task_error_to_its_caller_and_keeps_working() -> None:
+    def broken() -> None:
+        raise ValueError("bad image")
+
+    with CpuPool(2) as pool:
+        with pytest.raises(ValueError, match="bad image"):
+            pool.run(broken)
+        assert pool.run(lambda: 42) == 42
+
+
+def test_shards_built_together_take_lanes_in_job_order(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU goes to the shards in the order they were asked for, whatever order they start in."""
+    urls = [server.url(p) for p in GOOD_IMAGES] * 3
+    staging, _manifest = stage(
+        tmp_path, urls, output_format="webdataset", number_sample_per_shard=len(urls) // 3
+    )
+    lanes: dict[int, int | None] = {}
+
+    def recording(*args: Any, lane: int | None) -> ShardResult:
+        lanes[args[2]] = lane
+        return build_shard(*args, lane=lane)
+
+    monkeypatch.setattr(shard_module, "build_shard", recording)
+    jobs = [ShardJob("t", i) for i in (2, 0, 1)]
+    results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, parallel_shards=3)))
+    assert not [r for r in results.values() if isinstance(r, ShardError)]
+    assert lanes == {2: 0, 0: 1, 1: 2}

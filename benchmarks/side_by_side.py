@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .tools import IMG2DATASET_SCRIPT
 
 ROOT = Path(__file__).resolve().parent
 TOOLS = ("img2dataset", "download", "dagster")
+SETTLE_SECONDS = 2.0
 
 
 @dataclass
@@ -83,6 +85,10 @@ def outcome(folder: Path) -> dict[str, int]:
 def run_once(tool: str, round_: int, options: dict[str, Any], work: Path, python: Path) -> Run:
     out = work / tool
     shutil.rmtree(out, ignore_errors=True)
+    # The previous run's output is still being written back (and this one's old output freed): done
+    # now, and the disk left to settle, so that neither is charged to this tool.
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     measured: Measurement = run_measured(
         command(tool, {**options, "output_folder": str(out)}, python), env=env, cwd=ROOT.parent

@@ -106,8 +106,9 @@ class CpuPool:
     previous one's last downloads and its writing. Served fairly, shards built together went at the
     same pace and ended together, and the cores idled at each such end (CPU use fell to 70-85% for
     about a second per pair of 1000-sample shards); in a paired comparison on the jpeg-heavy
-    benchmark corpus (10 shards, 4 rounds) lanes took the Dagster path from 282 to 298 images/s
-    (median) and its CPU per image from 6.0 to 5.7 ms.
+    benchmark corpus (10 shards, 4 rounds) lanes took the Dagster path from 281 to 298 images/s
+    (median; faster in every pair) and its CPU per image from 6.0 to 5.7 ms. On the mixed corpus
+    (3 pairs) the difference stayed within this VM's run-to-run noise.
 
     Within a lane, work is taken newest first: the bytes a download thread has just received are
     still in the CPU cache, while the oldest waiting ones are not (against first-in-first-out, this

@@ -111,10 +111,10 @@ def test_a_failed_shard_is_reported_and_retried_alone_on_the_next_call(
     args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
     real_build = engine_shard.build_shard
 
-    def disk_full_on_shard_1(staging, table, shard_id, *args):  # type: ignore[no-untyped-def]
+    def disk_full_on_shard_1(staging, table, shard_id, *args, **kwargs):  # type: ignore[no-untyped-def]
         if shard_id == 1:
             raise OSError(28, "No space left on device")
-        return real_build(staging, table, shard_id, *args)
+        return real_build(staging, table, shard_id, *args, **kwargs)
 
     monkeypatch.setattr(engine_shard, "build_shard", disk_full_on_shard_1)
     with pytest.raises(ShardError, match=r"1 of 3 shards could not be built \(urls/00001\)"):

@@ -219,3 +219,28 @@ def test_a_failed_rewrite_keeps_the_previous_shard(
     with pytest.raises(RuntimeError, match="half way"):
         fail_half_way(output_format, shard)
     assert listing(folder) == before
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "tfrecord"])
+def test_object_store_shards_wait_for_upload_in_the_spool_dir(
+    tmp_path: Path, memory_folder: str, output_format: str
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shard = ShardTarget(memory_folder, "00000", SCHEMA, "jpg", True, spool_dir=str(spool))
+    with open_writer(output_format, shard) as writer:
+        for sample in samples():
+            writer.write(sample)
+        waiting = [p.name for p in spool.iterdir()]
+        assert listing(memory_folder) == {}
+        writer.commit()
+    assert len(waiting) == 1
+    assert waiting[0].startswith("img2ds-upload-")
+    assert list(spool.iterdir()) == []
+    assert sorted(listing(memory_folder)) == sorted(
+        ["00000.parquet", f"00000.{'tar' if output_format == 'webdataset' else 'tfrecord'}"]
+    )
+
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way(output_format, shard)
+    assert list(spool.iterdir()) == []

@@ -51,7 +51,9 @@ class Workers:
     thread_count: int = 256  # download threads per shard
     parallel_shards: int = 2
     cpu_threads: int = 0  # 0: one per core
-    spool_dir: str | None = None  # where encoded images wait for their turn; default: the temp folder
+    # where encoded images wait for their turn, and shard files for their upload to an object store;
+    # default: the system's temporary folder
+    spool_dir: str | None = None
 
     @property
     def cpu_slots(self) -> int:
@@ -278,6 +280,7 @@ def build_shard(
         schema=metadata_schema(rows.schema, settings.output),
         encode_format=settings.image.encode_format,
         save_caption=settings.source.caption_col is not None,
+        spool_dir=workers.spool_dir,
     )
     stats = ShardStats(start_time=time.time())
     spool = Spool(workers.spool_dir)

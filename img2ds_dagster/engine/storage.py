@@ -53,10 +53,11 @@ class AtomicFile:
     """A binary file that appears at ``path`` on ``commit()``; ``abort()`` leaves no trace of it.
 
     Write to ``file``. Local paths get a temporary name in the target folder, renamed into place;
-    other filesystems get a local temporary file, uploaded whole by ``commit()``.
+    other filesystems get a local temporary file in ``spool_dir`` (default: the system's temporary
+    folder), uploaded whole by ``commit()``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, spool_dir: str | None = None) -> None:
         self.path = path
         self._local = local_path(path)
         if self._local is not None:
@@ -64,7 +65,9 @@ class AtomicFile:
             self._tmp = _temp_name(self._local)
             self.file: IO[bytes] = open(self._tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
         else:
-            self.file = tempfile.NamedTemporaryFile(prefix="img2ds-upload-", delete=False)  # noqa: SIM115
+            self.file = tempfile.NamedTemporaryFile(  # noqa: SIM115
+                prefix="img2ds-upload-", dir=spool_dir, delete=False
+            )
             self._tmp = self.file.name
 
     def commit(self) -> None:
@@ -88,9 +91,9 @@ class AtomicFile:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str) -> Iterator[IO[bytes]]:
+def atomic_open(path: str, spool_dir: str | None = None) -> Iterator[IO[bytes]]:
     """A binary file that appears at ``path`` only if the ``with`` block succeeds."""
-    atomic = AtomicFile(path)
+    atomic = AtomicFile(path, spool_dir)
     try:
         yield atomic.file
     except BaseException:

@@ -64,6 +64,7 @@ class ShardTarget:
     schema: pa.Schema
     encode_format: str
     save_caption: bool
+    spool_dir: str | None = None  # where files for an object store wait for their upload
 
     @property
     def parquet_path(self) -> str:
@@ -160,6 +161,7 @@ class MetadataTable:
     def __init__(self, target: ShardTarget, extra: pa.Schema | None = None) -> None:
         self.schema = target.schema if extra is None else pa.schema([*target.schema, *extra])
         self.path = target.parquet_path
+        self.spool_dir = target.spool_dir
         self.rows: list[dict[str, Any]] = []
 
     def add(self, row: dict[str, Any]) -> None:
@@ -167,7 +169,7 @@ class MetadataTable:
 
     def commit(self) -> int:
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        with atomic_open(self.path) as raw:
+        with atomic_open(self.path, self.spool_dir) as raw:
             f = _CountingFile(raw)
             pq.write_table(table, f)
         return f.size
@@ -182,7 +184,7 @@ class _OneFileWriter:
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self._file = AtomicFile(join(target.folder, f"{target.name}.{self.suffix}"))
+        self._file = AtomicFile(join(target.folder, f"{target.name}.{self.suffix}"), target.spool_dir)
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)

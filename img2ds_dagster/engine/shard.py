@@ -110,7 +110,7 @@ class CpuPool:
     about a second per pair of 1000-sample shards); in a paired comparison on the jpeg-heavy
     benchmark corpus (10 shards, 4 rounds) lanes took the Dagster path from 281 to 298 images/s
     (median; faster in every pair) and its CPU per image from 6.0 to 5.7 ms. On the mixed corpus
-    (3 pairs) the difference stayed within this VM's run-to-run noise.
+    (7 pairs) the median went from 282 to 287 images/s, within this VM's run-to-run noise.
 
     Within a lane, work is taken newest first: the bytes a download thread has just received are
     still in the CPU cache, while the oldest waiting ones are not (against first-in-first-out, this

@@ -159,9 +159,8 @@ class MetadataTable:
     """The shard's metadata parquet, written in one go on ``commit()`` (a shard's rows are small)."""
 
     def __init__(self, target: ShardTarget, extra: pa.Schema | None = None) -> None:
+        self.target = target
         self.schema = target.schema if extra is None else pa.schema([*target.schema, *extra])
-        self.path = target.parquet_path
-        self.spool_dir = target.spool_dir
         self.rows: list[dict[str, Any]] = []
 
     def add(self, row: dict[str, Any]) -> None:
@@ -169,7 +168,7 @@ class MetadataTable:
 
     def commit(self) -> int:
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        with atomic_open(self.path, self.spool_dir) as raw:
+        with atomic_open(self.target.parquet_path, self.target.spool_dir) as raw:
             f = _CountingFile(raw)
             pq.write_table(table, f)
         return f.size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import tarfile
 import threading
@@ -198,3 +199,45 @@ def test_shards_built_together_take_lanes_in_job_order(
     results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, parallel_shards=3)))
     assert not [r for r in results.values() if isinstance(r, ShardError)]
     assert lanes == {2: 0, 0: 1, 1: 2}
+
+
+def _freeze_counts_during_build(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """Build two shards; returns gc.get_freeze_count() as each shard started."""
+    urls = [server.url(p) for p in GOOD_IMAGES] * 2
+    staging, _ = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=len(urls) // 2)
+    counts: list[int] = []
+
+    def recording(*args: Any, lane: int | None) -> ShardResult:
+        counts.append(gc.get_freeze_count())
+        return build_shard(*args, lane=lane)
+
+    monkeypatch.setattr(shard_module, "build_shard", recording)
+    results = dict(build_shards(staging.root, [ShardJob("t", 0), ShardJob("t", 1)], Workers(thread_count=4)))
+    assert not [r for r in results.values() if isinstance(r, ShardError)]
+    return counts
+
+
+def test_objects_from_before_the_build_are_left_out_of_collections_until_it_ends(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert gc.get_freeze_count() == 0
+    counts = _freeze_counts_during_build(server, tmp_path, monkeypatch)
+    assert len(counts) == 2
+    assert min(counts) > 1000  # this test process's modules, at least
+    assert gc.get_freeze_count() == 0
+
+
+def test_objects_the_process_froze_itself_stay_frozen(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        counts = _freeze_counts_during_build(server, tmp_path, monkeypatch)
+        # Frozen objects can still be freed (by reference counting), but none are added or thawed.
+        assert all(0.9 * before <= count <= before for count in counts)
+        assert 0.9 * before <= gc.get_freeze_count() <= before
+    finally:
+        gc.unfreeze()

@@ -10,6 +10,8 @@ that the end of one shard (its slowest downloads, its writing) never leaves the 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -360,6 +362,7 @@ def build_shards(
     """
     staging = Staging(staging_root)
     with (
+        _earlier_objects_spared_by_gc(),
         CpuPool(workers.cpu_slots) as cpu,
         ThreadPoolExecutor(max(1, min(workers.parallel_shards, len(jobs))), "img2ds-shard") as pool,
     ):
@@ -367,6 +370,28 @@ def build_shards(
         futures = {pool.submit(_guarded, staging, job, workers, cpu, cpu.lane()): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
+
+
+@contextlib.contextmanager
+def _earlier_objects_spared_by_gc() -> Iterator[None]:
+    """Leave the objects that exist before the shards are built out of garbage collections until
+    they are built.
+
+    A full collection walks every tracked object with every Python thread stopped. In a process that
+    has imported Dagster there are about 230,000 of them before the first image, so each of the three
+    full collections a 10,000-image build triggers took 0.13-0.15 s; frozen (``gc.freeze``), 0.002-0.02 s
+    (0.85 to 0.36 s of collecting per benchmark run). They are handed back (``gc.unfreeze``) when the
+    build ends, so nothing stays out of collections for good. A process that already froze objects
+    of its own, or turned the collector off, is left as it is.
+    """
+    if not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _guarded(

@@ -1,9 +1,16 @@
 """Run a command and measure its whole process tree: wall time, CPU time, peak resident memory.
 
 CPU time comes from ``getrusage(RUSAGE_CHILDREN)`` around the run, which includes every descendant
-that was waited for (multiprocessing workers are). Peak memory is the largest sum of the RSS of all
-live processes of the tree, sampled from /proc every ``interval`` seconds (cheaply: the sampler
-must not compete for the cores it measures).
+that was waited for (multiprocessing workers are). Peak memory is the largest sum over all live
+processes of the tree, sampled from /proc every ``interval`` seconds (cheaply: the sampler must not
+compete for the cores it measures), of their RSS and of their PSS.
+
+RSS counts a page in every process that maps it: a child forked from a 400 MB parent shows 400 MB
+until it execs, though it uses no memory of its own yet. PSS (proportional set size) divides each
+shared page among the processes sharing it, so the sum is the memory the tree really holds. The
+difference matters for img2dataset, whose worker processes are forked, and for Dagster, which forks
+a helper process at every step to capture its output: a sample that lands between that fork and the
+exec counted the parent's memory twice in one benchmark round (681 MB of RSS for a process of 440).
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ class Measurement:
     wall_seconds: float
     cpu_seconds: float
     peak_rss_bytes: int
+    peak_pss_bytes: int
     returncode: int
     output: str  # stdout and stderr, last 4000 characters
 
     @property
     def peak_rss_mb(self) -> float:
         return self.peak_rss_bytes / 1e6
+
+    @property
+    def peak_pss_mb(self) -> float:
+        return self.peak_pss_bytes / 1e6
 
 
 def _children(pid: int) -> list[int]:
@@ -45,17 +57,26 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def tree_rss(root: int) -> int:
-    """Sum of the resident set sizes of ``root`` and all its descendants, in bytes."""
-    total, stack = 0, [root]
+def tree_memory(root: int) -> tuple[int, int]:
+    """Sums of the RSS and of the PSS of ``root`` and all its descendants, in bytes."""
+    rss = pss = 0
+    stack = [root]
     while stack:
         pid = stack.pop()
         try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+            pss += _pss(pid)
         except (OSError, IndexError, ValueError):
             continue
         stack.extend(_children(pid))
-    return total
+    return rss, pss
+
+
+def _pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no Pss line for process {pid}")
 
 
 def run_measured(
@@ -75,12 +96,13 @@ def run_measured(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    peak = 0
+    peak_rss = peak_pss = 0
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout or []), daemon=True)
     reader.start()
     while process.poll() is None:
-        peak = max(peak, tree_rss(process.pid))
+        rss, pss = tree_memory(process.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         if time.monotonic() - started > timeout:
             process.kill()
         time.sleep(interval)
@@ -88,4 +110,4 @@ def run_measured(
     reader.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Measurement(wall, cpu, peak, process.returncode, "".join(output)[-4000:])
+    return Measurement(wall, cpu, peak_rss, peak_pss, process.returncode, "".join(output)[-4000:])

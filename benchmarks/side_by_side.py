@@ -4,9 +4,10 @@ machine, alternating over several rounds.
     python -m benchmarks.side_by_side --count 5000 --rounds 3
 
 Each tool runs in a fresh process; the report gives, per tool, images/s (successful images over wall
-time), CPU milliseconds per successful image and the peak RSS of its whole process tree, then the
-ratio of each img2ds_dagster path to img2dataset (min/median/max over rounds), and checks that both
-tools agree on which URLs succeed, on output sizes, and on pixels (PSNR).
+time), CPU milliseconds per successful image and the peak RSS and PSS of its whole process tree
+(``measure.py`` says why both), then the ratio of each img2ds_dagster path to img2dataset
+(min/median/max over rounds), and checks that both tools agree on which URLs succeed, on output
+sizes, and on pixels (PSNR).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Run:
     wall_seconds: float
     cpu_seconds: float
     peak_rss_mb: float
+    peak_pss_mb: float
     successes: int
     failed_to_download: int
     failed_to_resize: int
@@ -102,13 +104,15 @@ def run_once(tool: str, round_: int, options: dict[str, Any], work: Path, python
         measured.wall_seconds,
         measured.cpu_seconds,
         measured.peak_rss_mb,
+        measured.peak_pss_mb,
         counts["success"],
         counts["failed_to_download"],
         counts["failed_to_resize"],
     )
     print(
         f"round {round_} {tool:<12} {run.images_per_second:7.1f} images/s  "
-        f"{run.cpu_ms_per_image:5.2f} CPU ms/image  {run.peak_rss_mb:6.0f} MB  "
+        f"{run.cpu_ms_per_image:5.2f} CPU ms/image  "
+        f"RSS {run.peak_rss_mb:4.0f} MB  PSS {run.peak_pss_mb:4.0f} MB  "
         f"{run.successes} ok in {run.wall_seconds:.1f}s",
         flush=True,
     )
@@ -184,6 +188,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             "images_per_second_median": statistics.median(r.images_per_second for r in tool_runs),
             "cpu_ms_per_image_median": statistics.median(r.cpu_ms_per_image for r in tool_runs),
             "peak_rss_mb_max": max(r.peak_rss_mb for r in tool_runs),
+            "peak_pss_mb_max": max(r.peak_pss_mb for r in tool_runs),
             "successes": tool_runs[-1].successes,
             "failures": tool_runs[-1].failed_to_download + tool_runs[-1].failed_to_resize,
             "ratio_to_img2dataset": {
@@ -199,16 +204,17 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any], check: dict[str, Any] | None, settings: dict[str, Any]) -> str:
     lines = [
-        "| tool | images/s | CPU ms / image | peak RSS (MB) | successes | failures "
+        "| tool | images/s | CPU ms / image | peak RSS (MB) | peak PSS (MB) | successes | failures "
         "| vs img2dataset (min / median / max) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for tool, s in summary.items():
         ratio = s["ratio_to_img2dataset"]
         shown = f"{ratio['min']:.2f}x / {ratio['median']:.2f}x / {ratio['max']:.2f}x" if ratio else ""
         lines.append(
             f"| {tool} | {s['images_per_second_median']:.0f} | {s['cpu_ms_per_image_median']:.2f} "
-            f"| {s['peak_rss_mb_max']:.0f} | {s['successes']} | {s['failures']} | {shown} |"
+            f"| {s['peak_rss_mb_max']:.0f} | {s['peak_pss_mb_max']:.0f} | {s['successes']} | {s['failures']} "
+            f"| {shown} |"
         )
     lines.append("")
     lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))

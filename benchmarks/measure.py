@@ -10,7 +10,7 @@ until it execs, though it uses no memory of its own yet. PSS (proportional set s
 shared page among the processes sharing it, so the sum is the memory the tree really holds. The
 difference matters for img2dataset, whose worker processes are forked, and for Dagster, which forks
 a helper process at every step to capture its output: a sample that lands between that fork and the
-exec counted the parent's memory twice in one benchmark round (681 MB of RSS for a process of 440).
+exec counts the parent's memory twice (seen at 5 ms sampling: a helper showing its parent's 262 MB).
 """
 
 from __future__ import annotations

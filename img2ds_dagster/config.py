@@ -68,7 +68,9 @@ class DownloadConfig(dg.Config):
         default=89_478_485, description="Images whose header claims more pixels are not decoded."
     )
     reduced_jpeg_decode: bool = Field(
-        default=True, description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when the target is that small."
+        default=True,
+        description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale, and average other large images down by a "
+        "whole factor, before the last resize; False resizes in one step as img2dataset does.",
     )
     skip_reencode: bool = Field(
         default=False,

@@ -17,6 +17,7 @@ from imageserver import ImageServer
 from img2ds_dagster.engine.images import (
     ImageError,
     ImageProcessor,
+    _resize,
     blur_boxes,
     exif_json,
     jpeg_reduction,
@@ -231,20 +232,60 @@ def test_large_jpegs_are_decoded_at_reduced_size_with_the_same_result(server: Im
     assert 10 * np.log10(255**2 / mse) > 35
 
 
-def test_large_webp_is_halved_first_with_the_same_result(server: ImageServer) -> None:
-    raw = photo(server, 1000, 700, "webp")
-    halved = ImageProcessor(ImageSettings()).process(raw)
+def psnr(a: bytes, b: bytes) -> float:
+    mse = np.mean((decode(a).astype(float) - decode(b).astype(float)) ** 2)
+    return float(10 * np.log10(255**2 / mse)) if mse else float("inf")
+
+
+def test_a_reduced_jpeg_keeps_the_exact_scale(server: ImageServer) -> None:
+    # At 1/8, 2049 pixels are 256.125: libjpeg rounds up to 257, and resizing those 257 pixels to
+    # the target would stretch the picture by most of a pixel (31.6 dB against a full decode).
+    raw = photo(server, 2049, 1537, "jpg")
+    reduced = ImageProcessor(ImageSettings()).process(raw)
     full = ImageProcessor(ImageSettings(reduced_jpeg_decode=False)).process(raw)
-    assert (halved.width, halved.height, halved.original_width) == (full.width, full.height, 1000)
-    mse = np.mean((decode(halved.data).astype(float) - decode(full.data).astype(float)) ** 2)
-    assert 10 * np.log10(255**2 / mse) > 40
-    # With alpha, the WebP is decoded whole (the halving decode drops alpha) and still composited.
-    with_alpha = decode(
-        ImageProcessor(ImageSettings()).process(photo(server, 1000, 700, "webp", alpha=True)).data
-    )
-    assert with_alpha.shape == (256, 256, 3)
-    # 1000x700 fits as 256x179 from row 38; the mask is fully transparent in the corners.
-    assert with_alpha[39:42, 0:3].min() >= 240
+    assert (reduced.width, reduced.height) == (full.width, full.height) == (256, 256)
+    assert psnr(reduced.data, full.data) > 40
+
+
+@pytest.mark.parametrize(
+    ("ext", "alpha", "size"),
+    [
+        ("webp", False, (1000, 700)),
+        ("webp", True, (1000, 700)),
+        ("png", False, (1500, 1100)),
+        ("png", True, (1000, 700)),
+    ],
+)
+def test_large_images_are_averaged_down_first_with_the_same_result(
+    server: ImageServer, ext: str, alpha: bool, size: tuple[int, int]
+) -> None:
+    raw = photo(server, *size, ext, alpha=alpha)
+    reduced = ImageProcessor(ImageSettings()).process(raw)
+    full = ImageProcessor(ImageSettings(reduced_jpeg_decode=False)).process(raw)
+    assert (reduced.width, reduced.height, reduced.original_width) == (full.width, full.height, size[0])
+    assert reduced.data != full.data  # the two-step resize did run
+    assert psnr(reduced.data, full.data) > 38
+    if alpha:
+        # The image fits as 256x179 (or 256x188) from row 38 (34); the mask is fully transparent
+        # in the corners, which come out white.
+        top = (256 - round(256 * size[1] / size[0])) // 2
+        assert decode(reduced.data)[top + 1 : top + 4, 0:3].min() >= 240
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_reduced_images_come_out_at_the_planned_size(scale: int) -> None:
+    # Every rounding of the reduced sizes, for sides that are and are not multiples of the scale.
+    for width in range(509, 2600, 97):
+        for mode in ("border", "keep_ratio", "center_crop"):
+            settings = ImageSettings(resize_mode=mode)
+            height = width * 3 // 4 + 1
+            geometry = plan(width, height, settings)
+            assert geometry.size is not None
+            if -(-width // scale) < geometry.size[0] or -(-height // scale) < geometry.size[1]:
+                continue  # not a scale libjpeg would be asked for
+            img = np.zeros((-(-height // scale), -(-width // scale), 3), np.uint8)
+            out = _resize(img, geometry, (width, height), scale, reduce=True)
+            assert (out.shape[1], out.shape[0]) == geometry.size
 
 
 def test_no_reduction_when_the_target_needs_every_pixel() -> None:

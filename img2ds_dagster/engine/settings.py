@@ -137,7 +137,8 @@ class ImageSettings:
     max_aspect_ratio: float = math.inf
     # Refuse to decode images whose header claims more pixels than this (PIL's warning threshold).
     max_decoded_pixels: int = 89_478_485
-    # Decode large JPEGs at 1/2, 1/4 or 1/8 scale (and WebP at 1/2) when the target is that small.
+    # Decode large JPEGs at 1/2, 1/4 or 1/8 scale, and average other large images down by a whole
+    # factor, before a last resize of under 2x (images.py, _resize). False: img2dataset's one-step resize.
     reduced_jpeg_decode: bool = True
     # Keep the downloaded bytes when the image needs no resizing and is already in encode_format.
     skip_reencode: bool = False

@@ -6,7 +6,7 @@ pad and re-encode when nothing else (network, parsing, writing) gets in the way.
     python -m benchmarks.cpu_ceiling --corpus benchmarks/.corpus [--threads N] [--limit N] [--json out.json]
 
 The corpus's good images (every kind but the faults) are read into memory, then processed exactly as a
-shard's download threads do it, with ``image_size=256, resize_mode="border", encode_format="jpg",
+shard's CPU threads do it, with ``image_size=256, resize_mode="border", encode_format="jpg",
 encode_quality=95`` (img2dataset's interpolations): ``probe()`` the header, then
 ``ImageProcessor.process()``, on a pool of threads (OpenCV releases the GIL; ``cv2.setNumThreads(1)``
 as ``build_shard`` sets it). Runs:

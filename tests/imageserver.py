@@ -36,6 +36,9 @@ unique without changing the response.
                                   echoes it in ``X-Echo-User-Agent``
 ``/flaky/<k>/<rest>``             503 for the first k requests to that exact URL, then ``/<rest>``
 ``/close-early.jpg``              Content-Length N, half the bytes, then the connection closes
+``/chunked/<rest>``               ``/<rest>``'s body in 1000-byte chunks (with an extension and a
+                                  trailer), ``Transfer-Encoding: chunked``
+``/until-close/<rest>``           ``/<rest>``'s body with no length: it ends when the server closes
 ================================  ===============================================================
 
 ``hits`` counts requests keyed by the request target exactly as sent (path plus query, the same
@@ -89,6 +92,7 @@ SOFT_404_HTML = b"""<!DOCTYPE html>
 _GEN_RE = re.compile(r"^/gen/(\d+)x(\d+)\.(jpg|jpeg|png|webp)$")
 _REDIRECT_RE = re.compile(r"^/redirect(-relative)?/(\d+)(/.*)$")
 _FLAKY_RE = re.compile(r"^/flaky/(\d+)(/.*)$")
+_REFRAMED_RE = re.compile(r"^/(chunked|until-close)(/.*)$")
 _STATUS_RE = re.compile(r"^/status/(\d{3})$")
 _ROBOTS_RE = re.compile(r"^/robots/(.+)\.jpg$")
 
@@ -477,6 +481,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._route(rest, query, head)
             return
 
+        if m := _REFRAMED_RE.match(path):
+            body = self._body_of(m[2])
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            if m[1] == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+            self.end_headers()
+            if head:
+                return
+            if m[1] == "chunked":
+                for start in range(0, len(body), 1000):
+                    part = body[start : start + 1000]
+                    self.wfile.write(f"{len(part):x};ext=1\r\n".encode() + part + b"\r\n")
+                self.wfile.write(b"0\r\nX-Trailer: yes\r\n\r\n")
+            else:
+                self.wfile.write(body)
+            return
+
         if path == "/close-early.jpg":
             photo = assets.photo_jpeg
             self.close_connection = True  # the socket is closed after the half body
@@ -489,6 +513,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
 
         self._send(404, b"not found\n", "text/plain", head)
+
+    def _body_of(self, path: str) -> bytes:
+        """The body another route would send (only /gen/ images here)."""
+        m = _GEN_RE.match(path)
+        if m is None:
+            raise ValueError(f"/chunked and /until-close take a /gen/ path, not {path}")
+        return self.server.owner.assets.generated(int(m[1]), int(m[2]), f".{m[3]}", False, False)
 
 
 class ImageServer:

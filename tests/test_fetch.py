@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import ssl
 import subprocess
@@ -178,6 +179,42 @@ def test_connections_are_reused_across_requests(server: ImageServer) -> None:
         for i in range(5):
             assert fetcher.fetch(server.url(f"/gen/8x8.jpg?reuse={i}")).error is None
         assert server.connections - before == 1
+    finally:
+        fetcher.close()
+
+
+@pytest.mark.parametrize("framing", ["chunked", "until-close"])
+def test_bodies_without_a_length_are_read_whole(server: ImageServer, framing: str) -> None:
+    data, error = fetch(server.url(f"/{framing}/gen/90x60.jpg"))
+    assert error is None
+    assert data == server.assets.generated(90, 60, ".jpg", False, False)
+
+
+def test_a_short_error_page_leaves_the_connection_usable(server: ImageServer) -> None:
+    fetcher = Fetcher(FetchSettings())
+    try:
+        before = server.connections
+        assert fetcher.fetch(server.url("/status/404?reuse=a")).error == "HTTP Error 404: Not Found"
+        assert fetcher.fetch(server.url("/gen/8x8.jpg?reuse=b")).error is None
+        assert server.connections - before == 1
+    finally:
+        fetcher.close()
+
+
+def test_downloads_run_concurrently_on_one_fetcher(server: ImageServer) -> None:
+    # Ten dripping responses at once: they share the event loop, so all ten time out together.
+    fetcher = Fetcher(FetchSettings(timeout=1.0))
+
+    async def ten() -> list[str | None]:
+        results = await asyncio.gather(
+            *(fetcher.fetch_async(server.url(f"/slow.jpg?n={i}")) for i in range(10))
+        )
+        return [r.error for r in results]
+
+    try:
+        started = time.monotonic()
+        assert fetcher.run(ten()) == ["timed out"] * 10
+        assert time.monotonic() - started < 3.0
     finally:
         fetcher.close()
 

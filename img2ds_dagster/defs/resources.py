@@ -93,7 +93,7 @@ class WorkersResource(dg.ConfigurableResource):
     settings and can differ between the runs of one table. A run is one process: its threads use
     every core; run more runs at once (dagster.yaml) to use more machines."""
 
-    thread_count: int = 256  # download threads per shard
+    thread_count: int = 256  # downloads in flight per shard (img2dataset's download threads)
     parallel_shards: int = 2  # shards of a run built at once
     cpu_threads: int = 0  # images processed at once; 0: one per core
     spool_dir: str | None = None

@@ -1,15 +1,17 @@
 """Build shards: download every input row, process the images on every core, write the shard.
 
-Within a shard, ``thread_count`` threads download; at most ``cpu_threads`` of them (one per core)
-decode, resize and encode at once, in OpenCV calls that release the GIL, so one process keeps every
-core busy. Encoded images go to a spool file as they complete, so memory stays flat however slow the
-slowest URL is; the writer then emits the samples in key order, which makes shards reproducible.
-``parallel_shards`` shards are built at once, sharing the CPU slots, the first-queued shard first, so
-that the end of one shard (its slowest downloads, its writing) never leaves the cores idle.
+Within a shard, ``thread_count`` downloads are in flight at once on the fetcher's event loop (one
+thread for all of them); ``cpu_threads`` threads (one per core) hash, decode, resize and encode what
+arrives, in calls that release the GIL, so one process keeps every core busy. Encoded images go to a
+spool file as they complete, so memory stays flat however slow the slowest URL is; the writer then
+emits the samples in key order, which makes shards reproducible. ``parallel_shards`` shards are built
+at once, sharing the CPU slots, the first-queued shard first, so that the end of one shard (its
+slowest downloads, its writing) never leaves the cores idle.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import itertools
@@ -50,7 +52,7 @@ def default_cpu_threads() -> int:
 class Workers:
     """How much parallelism to use; changes speed, never the output."""
 
-    thread_count: int = 256  # download threads per shard
+    thread_count: int = 256  # downloads in flight per shard (img2dataset's download threads)
     parallel_shards: int = 2
     cpu_threads: int = 0  # 0: one per core
     # where encoded images wait for their turn, and shard files for their upload to an object store;
@@ -137,9 +139,12 @@ class CpuPool:
         return next(self._lanes)
 
     def run(self, task: Callable[[], _T], lane: int = 0) -> _T:
+        return self.submit(task, lane).result()
+
+    def submit(self, task: Callable[[], _T], lane: int = 0) -> Future[_T]:
         future: Future[_T] = Future()
         self._queue.put((lane, -next(self._arrivals), task, future))
-        return future.result()
+        return future
 
     def _work(self) -> None:
         while True:
@@ -178,9 +183,9 @@ class _Outcome:
 
 
 class _SampleWorker:
-    """What happens to one URL: a download thread fetches it, then hands the bytes to the CPU pool
-    and waits. The CPU pool has one thread per core, shared by the shards being built: the same few
-    threads do all image work, instead of dozens of download threads taking turns at it."""
+    """What happens to one URL: the fetcher's event loop downloads it, then hands the bytes to the CPU
+    pool and awaits the outcome. The CPU pool has one thread per core, shared by the shards being
+    built: the same few threads do all the hashing and image work."""
 
     def __init__(
         self, settings: DownloadSettings, fetcher: Fetcher, spool: Spool, cpu: CpuPool, lane: int
@@ -195,14 +200,16 @@ class _SampleWorker:
         self.verify = settings.source.verify_hash_type is not None
         self.keep_bytes = settings.image.disable_all_reencoding
 
-    def __call__(self, task: _Task) -> _Outcome:
+    async def run(self, task: _Task) -> _Outcome:
         if not task.url:
             return _Outcome("failed_to_download", "empty URL")
-        fetched = self.fetcher.fetch(task.url)
+        fetched = await self.fetcher.fetch_async(task.url)
         if fetched.data is None:
             return _Outcome("failed_to_download", fetched.error)
         raw = fetched.data
-        # hashlib releases the GIL on large buffers: the download thread hashes, not the CPU pool.
+        return await asyncio.wrap_future(self.cpu.submit(lambda: self._process(raw, task), self.lane))
+
+    def _process(self, raw: bytes, task: _Task) -> _Outcome:
         hash_ = digest(raw, self.hash_type) if self.hash_type else None
         if self.verify and hash_ != task.expected_hash:
             return _Outcome("failed_to_download", "hash mismatch")
@@ -210,12 +217,9 @@ class _SampleWorker:
             # disable_all_reencoding: the bytes as downloaded, not even decoded (img2dataset's rule).
             exif = exif_json(raw, probe(raw)) if self.extract_exif else None
             return _Outcome("success", image=self.spool.put(raw), exif=exif, hash=hash_)
-        return self.cpu.run(lambda: self._process(raw, hash_, task.boxes), self.lane)
-
-    def _process(self, raw: bytes, hash_: str | None, boxes: Any) -> _Outcome:
         header = probe(raw)
         try:
-            image = self.processor.process(raw, header, parse_boxes(boxes))
+            image = self.processor.process(raw, header, parse_boxes(task.boxes))
         except ImageError as err:
             return _Outcome("failed_to_resize", str(err))
         return _Outcome(
@@ -228,6 +232,21 @@ class _SampleWorker:
             exif=exif_json(raw, header) if self.extract_exif else None,
             hash=hash_,
         )
+
+
+async def _download(worker: _SampleWorker, tasks: Sequence[_Task], in_flight: int) -> list[_Outcome]:
+    """Every task's outcome, in order, with at most ``in_flight`` of them under way at once."""
+    outcomes: list[_Outcome | None] = [None] * len(tasks)
+    indexes = iter(range(len(tasks)))  # shared: each index is taken by one of the lanes below
+
+    async def lane() -> None:
+        for index in indexes:
+            outcomes[index] = await worker.run(tasks[index])
+
+    async with asyncio.TaskGroup() as group:  # an unexpected error cancels the others and comes out
+        for _ in range(max(1, min(in_flight, len(tasks)))):
+            group.create_task(lane())
+    return [o for o in outcomes if o is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,8 +309,7 @@ def build_shard(
     try:
         worker = _SampleWorker(settings, fetcher, spool, cpu, cpu.lane() if lane is None else lane)
         tasks = _tasks(rows, settings)
-        with ThreadPoolExecutor(max(1, min(workers.thread_count, len(tasks))), "img2ds-dl") as pool:
-            outcomes = list(pool.map(worker, tasks))
+        outcomes = fetcher.run(_download(worker, tasks, workers.thread_count))
         # A stale stats file would make a half-rewritten shard look complete: it goes first.
         remove(target.stats_path)
         with open_writer(settings.output.output_format, target) as writer:

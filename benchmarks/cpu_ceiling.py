@@ -28,21 +28,19 @@ Measured on this machine (2 vCPUs, AMD EPYC; OpenCV 5.0.0 with libjpeg-turbo 3.1
 =============================  ========  ===========  ==========================================
 run                            images/s  CPU ms/img   CPU ms/img: jpeg / gray / png / png-alpha / webp
 =============================  ========  ===========  ==========================================
-full decode, 2 threads         207       9.6          7.1 / 4.2 / 21.3 / 36.3 / 9.0
-reduced decode, 2 threads      294       6.7          3.3 / 2.1 / 21.5 / 37.6 / 9.2
-full decode, 1 thread          101       9.9
-reduced decode, 1 thread       158       6.3
-whole sample, 2 threads        311       6.4          (same as reduced, within the noise)
-JPEG only, full, 2 threads     274       7.3          (``--kinds jpeg,gray``)
-JPEG only, reduced, 2 threads  571       3.5
+full decode, 2 threads         258       7.6          6.7 / 4.0 / 12.0 / 17.5 / 8.4
+reduced decode, 2 threads      501       3.9          2.5 / 1.8 / 10.0 / 14.5 / 6.3
+full decode, 1 thread          131       7.6
+reduced decode, 1 thread       265       3.8
+whole sample, 2 threads        494       4.0          2.5 / 1.8 / 10.1 / 14.7 / 6.0
 =============================  ========  ===========  ==========================================
 
-The PNGs are 12% of the images and half of the CPU with reduced decode: they are photos (8 bits per
-pixel to inflate), and compositing the alpha channel on white costs as much as decoding it. Among the
-JPEGs, the 15% over 1200 px (3.5 MPix on average) take 48% of the full-decode CPU (29 ms each) and
-35% of the reduced (8 ms). Per image on one thread: ``probe`` 0.02 ms, ``exif_json`` 0.04 ms on
-average (0.19 ms for the 23% with an EXIF block, nothing without one), sha256 0.11 ms (1.6 GB/s):
-together about 3% of the image work.
+The PNGs are 12% of the images and 36% of the CPU with reduced decode: they are photos (8 bits per
+pixel to inflate and unfilter) and cannot be decoded at a reduced size. "Reduced" is the default
+processing: large JPEGs decoded at 1/2, 1/4 or 1/8 scale, other large images averaged down by a whole
+factor, then a last resize of under 2x. Per image on one thread: ``probe`` 0.01 ms, ``exif_json``
+0.04 ms on average (0.18 ms for the 23% with an EXIF block, nothing without one), sha256 0.11 ms
+(1.7 GB/s): together about 4% of the image work.
 """
 
 from __future__ import annotations

@@ -241,3 +241,17 @@ def test_objects_the_process_froze_itself_stay_frozen(
         assert 0.9 * before <= gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
+
+
+def test_an_unexpected_error_fails_the_shard_as_itself(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug in the image step (not a bad image, which is an outcome) stops the shard's downloads
+    # and comes out of build_shard as the error it is, not wrapped in an exception group.
+    def broken(self: object, raw: bytes, header: object = None, boxes: object = None) -> None:
+        raise RuntimeError("bug in the image step")
+
+    monkeypatch.setattr(shard_module.ImageProcessor, "process", broken)
+    staging, _manifest = stage(tmp_path, [server.url(p) for p in [*GOOD_IMAGES] * 5])
+    with pytest.raises(RuntimeError, match="bug in the image step"):
+        build_shard(staging, "t", 0, WORKERS)

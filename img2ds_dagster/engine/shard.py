@@ -151,6 +151,8 @@ class CpuPool:
             _, _, task, future = self._queue.get()
             if task is None or future is None:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller went away (a shard's downloads were cancelled)
             try:
                 future.set_result(task())
             except BaseException as err:  # handed to the caller, who re-raises it
@@ -235,23 +237,31 @@ class _SampleWorker:
 
 
 async def _download(worker: _SampleWorker, tasks: Sequence[_Task], in_flight: int) -> list[_Outcome]:
-    """Every task's outcome, in order, with at most ``in_flight`` of them under way at once."""
-    outcomes: list[_Outcome | None] = [None] * len(tasks)
-    indexes = iter(range(len(tasks)))  # shared: each index is taken by one of the lanes below
+    """Every task's outcome, in order, with at most ``in_flight`` of them under way at once.
 
-    async def lane() -> None:
+    An unexpected error (a bug, not a failed download or image: those are outcomes) cancels the
+    other downloads and is raised as it is, which fails the shard."""
+    outcomes: list[_Outcome | None] = [None] * len(tasks)
+    indexes = iter(range(len(tasks)))  # shared: each index is taken by one of the downloaders
+
+    async def downloader() -> None:
         for index in indexes:
             outcomes[index] = await worker.run(tasks[index])
 
-    async with asyncio.TaskGroup() as group:  # an unexpected error cancels the others and comes out
-        for _ in range(max(1, min(in_flight, len(tasks)))):
-            group.create_task(lane())
-    return [o for o in outcomes if o is not None]
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(in_flight, len(tasks)))):
+                group.create_task(downloader())
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0]  # noqa: B904 - its own traceback is the useful one
+    done = [o for o in outcomes if o is not None]
+    assert len(done) == len(tasks), "every task has an outcome once the downloaders are done"
+    return done
 
 
 @dataclass(frozen=True, slots=True)
 class _Task:
-    """What a download thread needs of one input row."""
+    """What downloading and processing one input row needs."""
 
     url: str | None
     expected_hash: str | None = None  # verify_hash's column

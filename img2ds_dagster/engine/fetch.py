@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import socket
 import ssl
 import threading
@@ -28,8 +27,6 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from .settings import FetchSettings
-
-log = logging.getLogger(__name__)
 
 # img2dataset's User-Agent, so that sites treat both tools alike.
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -256,12 +253,12 @@ class _Connection(asyncio.Protocol):
                 raise _Incomplete() from None
 
     async def read_to_end(self, cap: int) -> bytes:
-        while not self._eof:
+        while True:
             if len(self._buffer) > cap:
                 raise FetchError(f"body is over the {cap}-byte limit")
+            if self._eof:
+                break
             await self._more()
-        if len(self._buffer) > cap:
-            raise FetchError(f"body is over the {cap}-byte limit")
         data = bytes(self._buffer)
         self._buffer.clear()
         return data
@@ -472,15 +469,10 @@ class Fetcher:
             length = 0
         cap = self.settings.max_download_bytes
         if status in REDIRECT_STATUSES:
-            location = headers.get("location")
-            if length is not None and length <= _MAX_DRAIN:
-                await conn.read_exactly(length)  # drain so the connection can be reused
-                return status, location, b"", keep
-            return status, location, b"", False
+            return status, headers.get("location"), b"", await _drain(conn, length, keep)
         if not 200 <= status < 300:
             error = FetchError(f"HTTP Error {status}: {head.reason}", transient=status in TRANSIENT_STATUSES)
-            if keep and length is not None and length <= _MAX_DRAIN:
-                await conn.read_exactly(length)  # a short error page: the connection stays usable
+            if await _drain(conn, length, keep):
                 raise _Reusable(error)
             raise error
         if self._directives and is_disallowed(headers, self._token, self._directives):
@@ -527,6 +519,15 @@ class Fetcher:
         except OSError as err:
             raise _as_fetch_error(err) from None
         return conn
+
+
+async def _drain(conn: _Connection, length: int | None, keep: bool) -> bool:
+    """Read a short body nobody needs (a redirect's, an error page) so that the connection can serve
+    the next request; False if it cannot."""
+    if not keep or length is None or length > _MAX_DRAIN:
+        return False
+    await conn.read_exactly(length)
+    return True
 
 
 async def _read_chunked(conn: _Connection, cap: int) -> bytes:

@@ -32,6 +32,7 @@ def run_dagster_assets(options: dict[str, Any]) -> None:
     them, on a persistent sqlite instance; download() is not involved."""
     import dagster as dg
 
+    from img2ds_dagster.api import INSTANCE_YAML
     from img2ds_dagster.defs.resources import StorageResource, WorkersResource
     from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN
     from img2ds_dagster.defs.url_tables import shard_keys
@@ -43,7 +44,8 @@ def run_dagster_assets(options: dict[str, Any]) -> None:
         thread_count=options.pop("thread_count"), parallel_shards=max(2, options.pop("processes_count"))
     )
     with tempfile.TemporaryDirectory(prefix="img2ds-bench-") as home:
-        Path(home, "dagster.yaml").write_text(f"storage:\n  sqlite:\n    base_dir: {home}/storage\n")
+        # The instance download() makes (api.py), so that the two paths differ only in how they are run.
+        Path(home, "dagster.yaml").write_text(INSTANCE_YAML.format(base=f"{home}/storage"))
         storage = StorageResource(
             inbox=f"{home}/inbox", staging=f"{home}/staging", datasets=str(output.parent)
         )

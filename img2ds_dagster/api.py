@@ -32,7 +32,7 @@ from .runner import AssetRunner, ShardsOutcome
 log = logging.getLogger(__name__)
 
 STATE_FOLDER = ".img2ds"
-_INSTANCE_YAML = """\
+INSTANCE_YAML = """\
 # Dagster instance of img2ds_dagster.download() for this output folder (sqlite, next to this file).
 storage:
   sqlite:
@@ -346,5 +346,5 @@ def _instance(state: Path) -> dg.DagsterInstance:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text(_INSTANCE_YAML.format(base=home / "storage"))
+        config.write_text(INSTANCE_YAML.format(base=home / "storage"))
     return dg.DagsterInstance.from_config(str(home))

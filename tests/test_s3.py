@@ -25,7 +25,7 @@ from conftest import write_url_file
 from dagster_support import daemon_workspace, sensor_cursors, tick_sensors
 from imageserver import ImageServer
 from s3server import S3Server
-from test_writers import SCHEMA, fail_half_way, samples
+from test_writers import SCHEMA, fail_half_way, samples, with_successes
 
 from img2ds_dagster import download
 from img2ds_dagster.defs.inbox import S3DropCursor, S3Object, split_s3_url
@@ -35,6 +35,7 @@ from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG, s3_url_d
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
+from img2ds_dagster.engine.storage import AtomicFolder
 from img2ds_dagster.engine.writers import ShardTarget, open_writer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,6 +338,37 @@ def test_a_failed_shard_rewrite_leaves_the_bucket_as_it_was(s3: S3Server, client
         fail_half_way("webdataset", shard)
     assert {path: fs.cat_file(path) for path in fs.find("rewrite/dataset")} == before
     assert client.list_multipart_uploads(Bucket="rewrite").get("Uploads", []) == []
+
+
+def test_a_files_shard_rewritten_on_s3_has_the_new_versions_objects_only_once_committed(
+    s3: S3Server, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AtomicFolder, "BATCH_OBJECTS", 2)  # uploads under way when the shard fails
+    client.create_bucket(Bucket="files")
+    shard = ShardTarget("s3://files/dataset", "00000", SCHEMA, "jpg", True)
+    with open_writer("files", shard) as writer:
+        for sample in samples():  # 0, 1 and 3 succeed
+            writer.write(sample)
+        writer.commit()
+    fs = fsspec.filesystem("s3")
+    before = {path: fs.cat_file(path) for path in fs.find("files/dataset")}
+    assert len(before) == 1 + 3 * 3
+
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way("files", shard, written=with_successes({0, 1, 2, 3}))
+    after = {path: fs.cat_file(path) for path in fs.find("files/dataset")}
+    assert sorted(after) == sorted(before)
+    assert after["files/dataset/00000.parquet"] == before["files/dataset/00000.parquet"]
+
+    with open_writer("files", shard) as writer:
+        for sample in with_successes({2}):
+            writer.write(sample)
+        writer.commit()
+    assert sorted(fs.find("files/dataset")) == [
+        "files/dataset/00000.parquet",
+        *(f"files/dataset/00000/00002.{ext}" for ext in ("jpg", "json", "txt")),
+    ]
+    assert fs.cat_file("files/dataset/00000/00002.jpg") == b"new jpeg bytes 00002"
 
 
 # --- download() ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from img2ds_dagster.engine.settings import OutputSettings
+from img2ds_dagster.engine.storage import AtomicFolder
 from img2ds_dagster.engine.writers import (
     WRITERS,
     Sample,
@@ -131,9 +132,12 @@ def test_dummy_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def fail_half_way(output_format: str, shard: ShardTarget, count: int = 1) -> None:
+def fail_half_way(
+    output_format: str, shard: ShardTarget, count: int = 1, written: list[Sample] | None = None
+) -> None:
+    """Write ``written`` (default: the first ``count`` samples()), then fail before the commit."""
     with open_writer(output_format, shard) as writer:
-        for sample in samples()[:count]:
+        for sample in samples()[:count] if written is None else written:
             writer.write(sample)
         raise RuntimeError("the shard failed half way")
 
@@ -219,6 +223,78 @@ def test_a_failed_rewrite_keeps_the_previous_shard(
     with pytest.raises(RuntimeError, match="half way"):
         fail_half_way(output_format, shard)
     assert listing(folder) == before
+
+
+def with_successes(successes: set[int]) -> list[Sample]:
+    """samples(), rebuilt so that exactly these indexes succeed, with new image bytes."""
+    out = []
+    for sample in samples():
+        ok = int(sample.key) in successes
+        meta = {
+            **sample.meta,
+            "status": "success" if ok else "failed_to_download",
+            "error_message": None if ok else "HTTP Error 404: Not Found",
+        }
+        image = f"new jpeg bytes {sample.key}".encode() if ok else None
+        out.append(Sample(sample.key, meta, image, sample.caption))
+    return out
+
+
+def objects(folder: str) -> dict[str, bytes]:
+    """Every object under ``folder``, by its path relative to it."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    return {p[len(path) + 1 :]: fs.cat_file(p) for p in fs.find(path)}
+
+
+def sample_files(*indexes: int) -> list[str]:
+    return sorted(f"00000/0000{i}.{ext}" for i in indexes for ext in ("jpg", "json", "txt"))
+
+
+@pytest.fixture(params=[2, AtomicFolder.BATCH_OBJECTS], ids=["batches of 2", "one batch"])
+def upload_batch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """AtomicFolder's upload batch size: with 2, a shard's objects go up before it fails."""
+    monkeypatch.setattr(AtomicFolder, "BATCH_OBJECTS", request.param)
+    return int(request.param)
+
+
+def test_a_files_rewrite_on_an_object_store_deletes_what_the_new_version_lacks(
+    memory_folder: str, upload_batch: int
+) -> None:
+    shard = ShardTarget(memory_folder, "00000", SCHEMA, "jpg", True)
+    with open_writer("files", shard) as writer:
+        for sample in samples():  # 0, 1 and 3 succeed
+            writer.write(sample)
+        writer.commit()
+    assert sorted(objects(memory_folder)) == ["00000.parquet", *sample_files(0, 1, 3)]
+
+    with open_writer("files", shard) as writer:
+        for sample in with_successes({0, 2}):
+            writer.write(sample)
+        writer.commit()
+    after = objects(memory_folder)
+    assert sorted(after) == ["00000.parquet", *sample_files(0, 2)]
+    assert after["00000/00002.jpg"] == b"new jpeg bytes 00002"
+    statuses = pq.read_table(io.BytesIO(after["00000.parquet"])).column("status").to_pylist()
+    assert statuses == ["success", "failed_to_download", "success", "failed_to_download"]
+
+
+def test_a_failed_files_rewrite_on_an_object_store_keeps_the_previous_names(
+    memory_folder: str, upload_batch: int
+) -> None:
+    shard = ShardTarget(memory_folder, "00000", SCHEMA, "jpg", True)
+    with open_writer("files", shard) as writer:
+        for sample in samples():
+            writer.write(sample)
+        writer.commit()
+    before = objects(memory_folder)
+
+    with pytest.raises(RuntimeError, match="half way"):
+        fail_half_way("files", shard, written=with_successes({0, 1, 2, 3}))
+    after = objects(memory_folder)
+    # Sample 2 failed before: its new files are gone. The others keep their names (the ones written
+    # before the failure have their new bytes), and the metadata is the previous version's.
+    assert sorted(after) == sorted(before)
+    assert after["00000.parquet"] == before["00000.parquet"]
 
 
 @pytest.mark.parametrize("output_format", ["webdataset", "tfrecord"])

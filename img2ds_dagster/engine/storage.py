@@ -3,7 +3,9 @@
 Local files are written under a temporary name in the same folder and renamed into place, so a crash
 never leaves a file that looks complete. Files for any other filesystem (S3, GCS, memory, ...) are
 written to a local temporary file and uploaded in one go once complete: a failed shard never leaves a
-partial object, and the previous object stays in place until the new one is whole.
+partial object, and the previous object stays in place until the new one is whole. A folder of files
+(``AtomicFolder``) is swapped into place locally; on an object store its objects are overwritten and
+the old version's leftovers deleted at the end.
 """
 
 from __future__ import annotations
@@ -137,10 +139,19 @@ def remove(path: str) -> None:
 
 
 class AtomicFolder:
-    """A folder filled under a temporary name and swapped into place on ``commit()``.
+    """A folder whose new contents replace the old ones on ``commit()``; ``abort()`` keeps the old ones.
 
-    Used by the ``files`` output format, whose shard is a folder of per-sample files.
+    Used by the ``files`` output format, whose shard is a folder of per-sample files. A local folder
+    is filled under a temporary name and swapped into place. An object store has no folder to swap,
+    and copying every object into place would double the requests: the new objects are uploaded over
+    the old ones instead (a shard's file names are the same from one build to the next), in
+    concurrent batches. ``commit()`` then deletes the old objects the new version does not have, and
+    ``abort()`` the new ones the old version did not have: after a failed rewrite the folder has the
+    old version's names, though the objects written before the failure already hold their new bytes.
     """
+
+    BATCH_OBJECTS = 256  # objects uploaded at once (s3fs sends them concurrently)
+    BATCH_BYTES = 32 << 20  # and at most this many bytes held for the next batch
 
     def __init__(self, path: str) -> None:
         self.path = path.rstrip("/")
@@ -148,21 +159,27 @@ class AtomicFolder:
         if self._local is not None:
             self.work = _temp_name(self._local)
             os.makedirs(self.work)
-        else:
-            # Object stores have no folders to swap: the old objects are removed first.
-            remove(self.path)
-            self.work = self.path
+            return
+        self._fs, self._root = fsspec.core.url_to_fs(self.path)
+        self._before = self._objects()
+        self._written: set[str] = set()
+        self._batch: dict[str, bytes] = {}
+        self._batch_bytes = 0
 
     def write(self, name: str, data: bytes) -> None:
         if self._local is not None:
             with open(os.path.join(self.work, name), "wb") as f:
                 f.write(data)
-        else:
-            fs, p = fsspec.core.url_to_fs(join(self.work, name))
-            fs.pipe_file(p, data)
+            return
+        self._batch[f"{self._root}/{name}"] = data
+        self._batch_bytes += len(data)
+        if len(self._batch) >= self.BATCH_OBJECTS or self._batch_bytes >= self.BATCH_BYTES:
+            self._upload()
 
     def commit(self) -> None:
         if self._local is None:
+            self._upload()
+            self._delete(self._objects() - self._written)
             return
         old = None
         if os.path.exists(self._local):
@@ -175,5 +192,20 @@ class AtomicFolder:
     def abort(self) -> None:
         if self._local is not None:
             shutil.rmtree(self.work, ignore_errors=True)
-        else:  # the files written so far (the old ones went in __init__)
-            remove(self.work)
+            return
+        self._batch.clear()
+        # Listed, not taken from the names written: a batch that failed may have been partly uploaded.
+        self._delete(self._objects() - self._before)
+
+    def _upload(self) -> None:
+        if self._batch:
+            self._fs.pipe(self._batch)
+            self._written.update(self._batch)
+            self._batch, self._batch_bytes = {}, 0
+
+    def _objects(self) -> set[str]:
+        return set(self._fs.find(self._root))  # nothing for a folder that does not exist
+
+    def _delete(self, paths: set[str]) -> None:
+        if paths:
+            self._fs.rm(sorted(paths))

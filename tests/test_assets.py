@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import fsspec
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
@@ -124,6 +127,72 @@ def test_shards_build_a_range_in_one_run_with_per_shard_metadata(
     assert "HTTP Error 404" in str(events["t/00001"].metadata["top_errors"].value)
     total = sum(events[k].metadata["successes"].value for k in events)  # type: ignore[misc]
     assert total == len(GOOD_IMAGES)
+
+
+def test_shards_spool_images_and_uploads_in_the_workers_spool_dir(
+    server: ImageServer,
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    resources: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    made: list[tuple[str, str | None]] = []  # (prefix, folder) of every temporary file made
+
+    def recording(make: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            made.append((kwargs.get("prefix", ""), kwargs.get("dir")))
+            return make(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording(tempfile.TemporaryFile))
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", recording(tempfile.NamedTemporaryFile))
+    datasets = f"memory://img2ds-spool-{uuid.uuid4().hex[:8]}/datasets"
+    resources = {
+        "storage": StorageResource(
+            inbox=str(tmp_path / "inbox"), staging=str(tmp_path / "staging"), datasets=datasets
+        ),
+        "workers": WorkersResource(thread_count=8, spool_dir=str(spool)),
+    }
+    write_url_file(tmp_path / "inbox" / "t.txt", [server.url(p) for p in GOOD_IMAGES])
+    stage(instance, resources, "t", output_format="webdataset")
+    assert dg.materialize(
+        ASSETS, selection=[shards], partition_key="t/00000", instance=instance, resources=resources
+    ).success
+
+    ours = {(prefix, folder) for prefix, folder in made if prefix.startswith("img2ds-")}
+    assert ours == {("img2ds-spool-", str(spool)), ("img2ds-upload-", str(spool))}
+    assert list(spool.iterdir()) == []  # nothing left behind
+    fs, root = fsspec.core.url_to_fs(f"{datasets}/t")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+    ]
+
+
+def test_a_spool_dir_that_is_not_a_folder_fails_the_run_once_naming_the_option(
+    tmp_path: Path, instance: dg.DagsterInstance, resources: dict[str, Any]
+) -> None:
+    write_url_file(tmp_path / "inbox" / "t.txt", ["http://127.0.0.1:9/a.jpg"])
+    stage(instance, resources, "t")
+    missing = tmp_path / "no-such-folder"
+    result = dg.materialize(
+        ASSETS,
+        selection=[shards],
+        partition_key="t/00000",
+        instance=instance,
+        resources={**resources, "workers": WorkersResource(spool_dir=str(missing))},
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert f"workers.spool_dir: '{missing}' is not a folder on this machine" in str(
+        failure.step_failure_data.error
+    )
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
 
 
 def test_download_stats_aggregates_every_table(

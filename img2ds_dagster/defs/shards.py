@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 
 from ..engine.shard import ShardResult, build_shards
-from ..errors import ShardError
+from ..errors import ConfigError, ShardError
 from .partitions import shard_job, shards_partitions
 from .resources import StorageResource, WorkersResource
 from .url_tables import url_tables
@@ -47,9 +47,13 @@ with warnings.catch_warnings():
         done = _materialized_in_this_run(context) if context.retry_number > 0 else set()
         if done:
             context.log.info(f"retry {context.retry_number}: skipping {len(done)} shards finished before")
+        try:
+            settings = workers.workers()
+        except ConfigError as err:  # the same on every retry: not retried
+            raise dg.Failure(description=str(err), allow_retries=False) from err
         jobs = {shard_job(key): key for key in keys if key not in done}
         failed: dict[str, ShardError] = {}
-        for job, result in build_shards(storage.staging_area().root, list(jobs), workers.workers()):
+        for job, result in build_shards(storage.staging_area().root, list(jobs), settings):
             key = jobs[job]
             if isinstance(result, ShardError):
                 failed[key] = result

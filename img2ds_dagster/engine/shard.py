@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import cv2
 import pyarrow as pa
 
-from ..errors import ShardError
+from ..errors import ConfigError, ShardError
 from .fetch import Fetcher
 from .images import ImageError, ImageProcessor, digest, exif_json, parse_boxes
 from .probe import probe
@@ -58,6 +58,11 @@ class Workers:
     # where encoded images wait for their turn, and shard files for their upload to an object store;
     # default: the system's temporary folder
     spool_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked where the shards are built: the folder may exist only on the machines that run them.
+        if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
+            raise ConfigError(f"workers.spool_dir: {self.spool_dir!r} is not a folder on this machine")
 
     @property
     def cpu_slots(self) -> int:
@@ -339,7 +344,7 @@ def build_shard(
         fetcher.close()
         spool.close()
     stats.end_time = time.time()
-    write_json_atomic(target.stats_path, stats.to_json())
+    write_json_atomic(target.stats_path, stats.to_json(), target.spool_dir)
     log.info(
         "shard %s/%s: %d samples, %d successes in %.1fs",
         table,

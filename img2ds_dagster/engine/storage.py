@@ -104,13 +104,13 @@ def atomic_open(path: str, spool_dir: str | None = None) -> Iterator[IO[bytes]]:
     atomic.commit()
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    with atomic_open(path) as f:
+def write_bytes_atomic(path: str, data: bytes, spool_dir: str | None = None) -> None:
+    with atomic_open(path, spool_dir) as f:
         f.write(data)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, json.dumps(obj, indent=4).encode())
+def write_json_atomic(path: str, obj: Any, spool_dir: str | None = None) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=4).encode(), spool_dir)
 
 
 def read_json(path: str) -> Any:

@@ -351,8 +351,10 @@ def test_a_files_shard_rewritten_on_s3_has_the_new_versions_objects_only_once_co
             writer.write(sample)
         writer.commit()
     fs = fsspec.filesystem("s3")
+    # A neighbour whose name starts with the folder's: only the folder's own objects are its.
+    fs.pipe_file("files/dataset/00000_notes.txt", b"not the shard's")
     before = {path: fs.cat_file(path) for path in fs.find("files/dataset")}
-    assert len(before) == 1 + 3 * 3
+    assert len(before) == 2 + 3 * 3
 
     with pytest.raises(RuntimeError, match="half way"):
         fail_half_way("files", shard, written=with_successes({0, 1, 2, 3}))
@@ -367,6 +369,7 @@ def test_a_files_shard_rewritten_on_s3_has_the_new_versions_objects_only_once_co
     assert sorted(fs.find("files/dataset")) == [
         "files/dataset/00000.parquet",
         *(f"files/dataset/00000/00002.{ext}" for ext in ("jpg", "json", "txt")),
+        "files/dataset/00000_notes.txt",
     ]
     assert fs.cat_file("files/dataset/00000/00002.jpg") == b"new jpeg bytes 00002"
 

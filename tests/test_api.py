@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
@@ -18,6 +19,7 @@ import img2ds_dagster.engine.shard as engine_shard
 from img2ds_dagster import download
 from img2ds_dagster.api import fresh_names
 from img2ds_dagster.errors import ConfigError, InputTableError, ShardError
+from img2ds_dagster.runner import AssetRunner
 
 FAST = {"thread_count": 8, "timeout": 2}
 
@@ -100,6 +102,64 @@ def test_a_second_call_skips_finished_shards(server: ImageServer, tmp_path: Path
     assert [server.hits[p] for p in paths] == hits  # nothing downloaded again
     assert (tmp_path / "out" / "00000_stats.json").stat().st_mtime_ns == stats_mtime
     assert second.totals["successes"] == 4
+
+
+def test_rows_appended_to_the_url_file_are_downloaded_on_the_next_call(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    # Shard 2 holds one row after the first call and two after the second: it must be built again,
+    # or the appended row in it would never be downloaded (img2dataset skips it: its stats file exists).
+    paths = [f"/gen/{20 + i}x21.jpg?appended=1" for i in range(7)]
+    url_list = tmp_path / "urls.txt"
+    args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
+    write_url_file(url_list, [server.url(p) for p in paths[:5]])
+    first = download(**args, **FAST)  # type: ignore[arg-type]
+    assert first.shards_built == ["urls/00000", "urls/00001", "urls/00002"]
+    hits = [server.hits[p] for p in paths]
+    write_url_file(url_list, [server.url(p) for p in paths])
+    second = download(**args, **FAST)  # type: ignore[arg-type]
+    assert (second.shards_built, second.shards_skipped) == (
+        ["urls/00002", "urls/00003"],
+        ["urls/00000", "urls/00001"],
+    )
+    assert [r["url"] for r in rows(tmp_path / "out")] == [server.url(p) for p in paths]
+    assert [server.hits[p] - h for p, h in zip(paths, hits, strict=True)] == [0, 0, 0, 0, 1, 1, 1]
+    assert second.totals["count"] == second.totals["successes"] == 7
+
+
+def test_an_edited_row_rebuilds_its_shard_only(server: ImageServer, tmp_path: Path) -> None:
+    paths = [f"/gen/{20 + i}x22.jpg?edited=1" for i in range(6)]
+    url_list = tmp_path / "urls.txt"
+    args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
+    write_url_file(url_list, [server.url(p) for p in paths])
+    download(**args, **FAST)  # type: ignore[arg-type]
+    edited = [*paths[:3], "/gen/99x22.jpg?edited=1", *paths[4:]]
+    write_url_file(url_list, [server.url(p) for p in edited])
+    again = download(**args, **FAST)  # type: ignore[arg-type]
+    assert (again.shards_built, again.shards_skipped) == (["urls/00001"], ["urls/00000", "urls/00002"])
+    assert [r["url"] for r in rows(tmp_path / "out")] == [server.url(p) for p in edited]
+    # The same rows a third time: nothing to do.
+    third = download(**args, **FAST)  # type: ignore[arg-type]
+    assert third.shards_built == []
+
+
+def test_a_shards_latest_materialization_is_the_one_compared(server: ImageServer, tmp_path: Path) -> None:
+    url_list, out = tmp_path / "urls.txt", tmp_path / "out"
+    args = {"url_list": str(url_list), "output_folder": str(out), "number_sample_per_shard": 2}
+    for variant in ("a", "b"):  # every row edited: both shards are built twice, from other rows
+        write_url_file(url_list, [server.url(f"/gen/{20 + i}x23.jpg?v={variant}") for i in range(4)])
+        assert download(**args, **FAST).shards_built == ["urls/00000", "urls/00001"]  # type: ignore[arg-type]
+    staged = json.loads((out / ".img2ds" / "staging" / "urls" / "table.json").read_text())["fingerprints"]
+    keys = ["urls/00000", "urls/00001"]
+    with dg.DagsterInstance.from_config(str(out / ".img2ds" / "dagster")) as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("shards"), asset_partitions=keys), limit=10
+        ).records
+        assert sorted(r.partition_key for r in records) == sorted(keys * 2)
+        runner = AssetRunner(instance, {})
+        # One record per page and one shard per query: every page and batch boundary is crossed.
+        assert runner._recorded_fingerprints(keys, batch=1, page=1) == dict(zip(keys, staged, strict=True))
+        assert runner._recorded_fingerprints(keys) == dict(zip(keys, staged, strict=True))
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ from img2ds_dagster.engine.settings import DownloadSettings
 from img2ds_dagster.engine.sources import (
     INPUT_FORMATS,
     Staging,
+    TableManifest,
+    input_fingerprint,
     input_format_of,
     list_input_files,
     read_table,
@@ -164,3 +166,37 @@ def test_an_empty_file_stages_no_shard(tmp_path: Path) -> None:
     path.write_text("")
     manifest = Staging(str(tmp_path / "staging")).stage("empty", str(path), settings(), str(tmp_path / "out"))
     assert (manifest.row_count, manifest.shard_count) == (0, 0)
+
+
+def test_each_shard_is_fingerprinted_by_its_rows(tmp_path: Path) -> None:
+    staging = Staging(str(tmp_path / "staging"))
+
+    def stage(fmt: str, urls: list[str], captions: list[str]) -> TableManifest:
+        path = write_url_file(tmp_path / f"t.{fmt}", urls, captions=captions)
+        flags = settings(caption_col="caption", number_sample_per_shard=3)
+        return staging.stage("t", str(path), flags, str(tmp_path / "out"))
+
+    first = stage("csv", URLS, CAPTIONS)
+    assert len(first.fingerprints) == first.shard_count == 3
+    assert len(set(first.fingerprints)) == 3
+    # A shard's fingerprint is its rows', not the slice's: the staged file read back gives it too.
+    assert [input_fingerprint(staging.shard_rows("t", first.shard_name(i))) for i in first.shard_ids] == (
+        first.fingerprints
+    )
+    assert staging.manifest("t").fingerprints == first.fingerprints
+    # The same rows from another format; then one caption edited; then one row appended.
+    assert stage("parquet", URLS, CAPTIONS).fingerprints == first.fingerprints
+    edited = stage("csv", URLS, [*CAPTIONS[:4], "edited", *CAPTIONS[5:]]).fingerprints
+    assert [a == b for a, b in zip(edited, first.fingerprints, strict=True)] == [True, False, True]
+    grown = stage("csv", [*URLS, "http://127.0.0.1:9/7.jpg"], [*CAPTIONS, "caption 7"]).fingerprints
+    assert [a == b for a, b in zip(grown, first.fingerprints, strict=True)] == [True, True, False]
+    assert (first.fingerprint(0), first.fingerprint(3)) == (first.fingerprints[0], None)
+
+
+def test_a_manifest_staged_without_fingerprints_still_reads(tmp_path: Path) -> None:
+    path = write_url_file(tmp_path / "t.txt", URLS)
+    manifest = Staging(str(tmp_path / "staging")).stage("t", str(path), settings(), str(tmp_path / "out"))
+    data = manifest.to_dict()
+    del data["fingerprints"]
+    older = TableManifest.from_dict(data)
+    assert (older.fingerprints, older.fingerprint(0)) == ([], None)

@@ -78,8 +78,12 @@ def _materialized_in_this_run(context: dg.AssetExecutionContext) -> set[str]:
     return {r.partition_key for r in records if r.asset_key == context.asset_key and r.partition_key}
 
 
+INPUT_FINGERPRINT = "input_fingerprint"
+
+
 def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
     s = result.stats
+    fingerprint = result.input_fingerprint
     return {
         "count": dg.MetadataValue.int(s.count),
         "successes": dg.MetadataValue.int(s.successes),
@@ -91,4 +95,6 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "images_per_second": dg.MetadataValue.float(round(result.images_per_second, 1)),
         "duration_seconds": dg.MetadataValue.float(round(s.duration, 2)),
         "output": dg.MetadataValue.path(f"{result.output_folder}/{result.name}"),
+        # What download()'s incremental mode compares with the table's staging (runner.py).
+        **({INPUT_FINGERPRINT: dg.MetadataValue.text(fingerprint)} if fingerprint else {}),
     }

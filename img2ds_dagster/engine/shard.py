@@ -77,6 +77,7 @@ class ShardResult:
     output_folder: str
     stats: ShardStats
     bytes_written: int
+    input_fingerprint: str | None = None  # of the staged rows it was built from (sources.py)
 
     @property
     def images_per_second(self) -> float:
@@ -353,7 +354,9 @@ def build_shard(
         stats.successes,
         stats.duration,
     )
-    return ShardResult(table, shard_id, name, manifest.output_folder, stats, bytes_written)
+    return ShardResult(
+        table, shard_id, name, manifest.output_folder, stats, bytes_written, manifest.fingerprint(shard_id)
+    )
 
 
 def _meta(row: dict[str, Any], key: str, o: _Outcome, settings: DownloadSettings) -> dict[str, Any]:

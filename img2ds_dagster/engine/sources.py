@@ -4,14 +4,16 @@ validate them, and stage them as one parquet file of input rows per shard plus a
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import json
 import logging
 import math
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import fsspec
@@ -172,10 +174,17 @@ class TableManifest:
     shard_count: int
     output_folder: str
     settings: DownloadSettings
+    # input_fingerprint() of each shard's rows, in shard order: what a built shard was built from.
+    fingerprints: list[str] = field(default_factory=list)
 
     @property
     def shard_ids(self) -> range:
         return range(self.first_shard_id, self.first_shard_id + self.shard_count)
+
+    def fingerprint(self, shard_id: int) -> str | None:
+        """The shard's input fingerprint; None for a table staged before fingerprints were kept."""
+        index = shard_id - self.first_shard_id
+        return self.fingerprints[index] if 0 <= index < len(self.fingerprints) else None
 
     def shard_name(self, shard_id: int) -> str:
         return shard_name(shard_id, self.settings.output.oom_shard_count)
@@ -191,11 +200,24 @@ class TableManifest:
             "shard_count": self.shard_count,
             "output_folder": self.output_folder,
             "settings": self.settings.to_dict(),
+            "fingerprints": self.fingerprints,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableManifest:
         return cls(**{**data, "settings": DownloadSettings.from_dict(data["settings"])})
+
+
+def input_fingerprint(rows: pa.Table) -> str:
+    """A digest of a shard's input rows (values, column names and types), the same for the same rows
+    whatever the file they came from was. It is taken over Arrow's IPC stream format, a stable,
+    versioned format that, unlike parquet files, does not name the library that wrote it."""
+    # Copied by take(): a slice's buffers still hold its neighbours' bytes, which the stream would carry.
+    fresh = rows.replace_schema_metadata(None).take(pa.array(range(rows.num_rows), pa.int64()))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, fresh.schema) as writer:
+        writer.write_table(fresh)
+    return hashlib.sha256(memoryview(sink.getvalue())).hexdigest()[:32]
 
 
 class Staging:
@@ -252,15 +274,18 @@ class Staging:
             settings=settings,
         )
 
-        def write_one(i: int) -> None:
+        def write_one(i: int) -> str:
             name = manifest.shard_name(first_shard_id + i)
+            shard_rows = rows.slice(i * size, size)
             sink = pa.BufferOutputStream()
-            pq.write_table(rows.slice(i * size, size), sink, compression="zstd")
+            pq.write_table(shard_rows, sink, compression="zstd")
             write_bytes_atomic(self.shard_path(table, name), sink.getvalue().to_pybytes())
+            return input_fingerprint(shard_rows)
 
         # Threads pay off on object stores, where each write is a round trip.
         with ThreadPoolExecutor(max_workers=16) as pool:
-            list(pool.map(write_one, range(shard_count)))
+            fingerprints = list(pool.map(write_one, range(shard_count)))
+        manifest = dataclasses.replace(manifest, fingerprints=fingerprints)
         write_json_atomic(join(self.table_dir(table), MANIFEST_NAME), manifest.to_dict())
         log.info("staged %s: %d rows in %d shards", table, rows.num_rows, shard_count)
         return manifest

@@ -14,9 +14,9 @@ import dagster as dg
 
 from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges
 from .defs.resources import StorageResource
-from .defs.shards import INPUT_FINGERPRINT, shards
+from .defs.shards import built_from_staging, shards
 from .defs.stats import download_stats
-from .defs.url_tables import shard_keys, url_tables
+from .defs.url_tables import url_tables
 from .engine.sources import TableManifest
 from .engine.storage import remove
 from .errors import StagingMissingError
@@ -99,10 +99,10 @@ class AssetRunner:
         """Materialize the shards among ``keys`` that are not built from their current rows yet: never
         materialized, or last materialized from other rows than their table's staging holds now (a
         URL file edited, or grown into its last shard, since)."""
-        materialized = set(self.instance.get_materialized_partitions(shards.key) or ()) & set(keys)
-        expected = self._staged_fingerprints()
-        recorded = self._recorded_fingerprints(sorted(materialized))
-        done = {k for k in materialized if expected.get(k) is not None and recorded.get(k) == expected[k]}
+        wanted = set(keys)
+        done = {key for m in self.staged_tables().values() for key in built_from_staging(self.instance, m)}
+        done &= wanted
+        materialized = set(self.instance.get_materialized_partitions(shards.key) or ()) & wanted
         if materialized - done:
             log.info(
                 "%d built shards have other rows staged now and are built again", len(materialized - done)
@@ -110,39 +110,6 @@ class AssetRunner:
         outcome = self.build_shards([k for k in keys if k not in done], max_per_run)
         outcome.skipped = [k for k in keys if k in done]
         return outcome
-
-    def _staged_fingerprints(self) -> dict[str, str | None]:
-        """Each staged shard's input fingerprint (sources.py), by shard key."""
-        return {
-            key: manifest.fingerprint(shard_id)
-            for manifest in self.staged_tables().values()
-            for key, shard_id in zip(shard_keys(manifest), manifest.shard_ids, strict=True)
-        }
-
-    def _recorded_fingerprints(
-        self, keys: Sequence[str], batch: int = 500, page: int = 1000
-    ) -> dict[str, str | None]:
-        """The input fingerprint each shard's latest materialization recorded (None: none recorded)."""
-        found: dict[str, str | None] = {}
-        for start in range(0, len(keys), batch):
-            missing = set(keys[start : start + batch])
-            records_filter = dg.AssetRecordsFilter(asset_key=shards.key, asset_partitions=sorted(missing))
-            cursor = None
-            while missing:
-                result = self.instance.fetch_materializations(
-                    records_filter, limit=page, cursor=cursor, ascending=False
-                )
-                for record in result.records:  # newest first: the first one per shard is its latest
-                    key, materialization = record.partition_key, record.asset_materialization
-                    if key not in missing or materialization is None:
-                        continue
-                    missing.discard(key)
-                    value = materialization.metadata.get(INPUT_FINGERPRINT)
-                    found[key] = value.text if isinstance(value, dg.TextMetadataValue) else None
-                if not result.has_more:
-                    break
-                cursor = result.cursor
-        return found
 
     def build_shards(self, keys: Sequence[str], max_per_run: int | None = None) -> ShardsOutcome:
         """Materialize these shards, in runs over contiguous key ranges of ``max_per_run`` at most."""

@@ -18,8 +18,8 @@ from imageserver import ImageServer
 import img2ds_dagster.engine.shard as engine_shard
 from img2ds_dagster import download
 from img2ds_dagster.api import fresh_names
+from img2ds_dagster.defs.shards import recorded_fingerprints
 from img2ds_dagster.errors import ConfigError, InputTableError, ShardError
-from img2ds_dagster.runner import AssetRunner
 
 FAST = {"thread_count": 8, "timeout": 2}
 
@@ -156,10 +156,9 @@ def test_a_shards_latest_materialization_is_the_one_compared(server: ImageServer
             dg.AssetRecordsFilter(asset_key=dg.AssetKey("shards"), asset_partitions=keys), limit=10
         ).records
         assert sorted(r.partition_key for r in records) == sorted(keys * 2)
-        runner = AssetRunner(instance, {})
         # One record per page and one shard per query: every page and batch boundary is crossed.
-        assert runner._recorded_fingerprints(keys, batch=1, page=1) == dict(zip(keys, staged, strict=True))
-        assert runner._recorded_fingerprints(keys) == dict(zip(keys, staged, strict=True))
+        assert recorded_fingerprints(instance, keys, batch=1, page=1) == dict(zip(keys, staged, strict=True))
+        assert recorded_fingerprints(instance, keys) == dict(zip(keys, staged, strict=True))
 
 
 @pytest.mark.slow

@@ -26,9 +26,9 @@ from imageserver import ImageServer
 from img2ds_dagster.defs.partitions import SHARDS, URL_TABLES
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG, new_shards_sensor, url_drop_sensor
-from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN, shards
+from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, MAX_SHARDS_PER_RUN, shards
 from img2ds_dagster.defs.stats import download_stats
-from img2ds_dagster.defs.url_tables import url_tables
+from img2ds_dagster.defs.url_tables import shard_keys, url_tables
 
 SensorOutcome = dg.SensorResult | dg.SkipReason
 
@@ -222,8 +222,11 @@ def stage(instance: dg.DagsterInstance, root: Path, table: str, rows: int) -> No
     assert result.success
 
 
-def shards_tick(instance: dg.DagsterInstance, cursor: str | None) -> SensorOutcome:
-    return as_outcome(new_shards_sensor(dg.build_sensor_context(instance=instance, cursor=cursor)))
+def shards_tick(instance: dg.DagsterInstance, root: Path, cursor: str | None) -> SensorOutcome:
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"storage": storage_in(root)}
+    )
+    return as_outcome(new_shards_sensor(context))
 
 
 def requested_ranges(instance: dg.DagsterInstance, outcome: SensorOutcome) -> list[list[str]]:
@@ -240,29 +243,29 @@ def requested_ranges(instance: dg.DagsterInstance, outcome: SensorOutcome) -> li
 
 def test_new_shards_sensor_requests_each_staged_shard_in_ranges(tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
-        assert isinstance(shards_tick(instance, None), dg.SkipReason)
+        assert isinstance(shards_tick(instance, tmp_path, None), dg.SkipReason)
         stage(instance, tmp_path, "t", rows=20)
         keys = [f"t/{i:05d}" for i in range(10)]
         assert instance.get_dynamic_partitions(SHARDS) == keys
 
-        first = shards_tick(instance, None)
+        first = shards_tick(instance, tmp_path, None)
         ranges = requested_ranges(instance, first)
         assert [k for r in ranges for k in r] == keys  # every shard once, in order
         assert all(len(r) <= MAX_SHARDS_PER_RUN for r in ranges)
         assert len(ranges) == -(-len(keys) // MAX_SHARDS_PER_RUN)
         assert isinstance(first, dg.SensorResult)
         assert {r.tags["img2ds/table"] for r in first.run_requests or []} == {"t"}
-        assert isinstance(shards_tick(instance, first.cursor), dg.SkipReason)
+        assert isinstance(shards_tick(instance, tmp_path, first.cursor), dg.SkipReason)
 
 
 def test_new_shards_sensor_ranges_never_cross_into_another_table(tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
         stage(instance, tmp_path, "t1", rows=4)
-        t1 = shards_tick(instance, None)
+        t1 = shards_tick(instance, tmp_path, None)
         assert requested_ranges(instance, t1) == [["t1/00000", "t1/00001"]]
         assert isinstance(t1, dg.SensorResult)
         stage(instance, tmp_path, "t2", rows=4)
-        t2 = shards_tick(instance, t1.cursor)
+        t2 = shards_tick(instance, tmp_path, t1.cursor)
         assert requested_ranges(instance, t2) == [["t2/00000", "t2/00001"]]
         assert isinstance(t2, dg.SensorResult)
 
@@ -272,7 +275,7 @@ def test_new_shards_sensor_ranges_never_cross_into_another_table(tmp_path: Path)
             *("t1/00000", "t1/00001", "t2/00000", "t2/00001"),
             *("t1/00002", "t1/00003", "t1/00004"),
         ]
-        ranges = requested_ranges(instance, shards_tick(instance, t2.cursor))
+        ranges = requested_ranges(instance, shards_tick(instance, tmp_path, t2.cursor))
         assert ranges == [["t1/00000", "t1/00001"], ["t1/00002", "t1/00003", "t1/00004"]]
 
 
@@ -281,10 +284,41 @@ def test_a_table_staged_twice_between_ticks_is_requested_once(tmp_path: Path) ->
         stage(instance, tmp_path, "t1", rows=4)
         stage(instance, tmp_path, "t2", rows=4)
         stage(instance, tmp_path, "t1", rows=10)
-        ranges = requested_ranges(instance, shards_tick(instance, None))
+        ranges = requested_ranges(instance, shards_tick(instance, tmp_path, None))
         assert all(len({key.split("/")[0] for key in r}) == 1 for r in ranges)  # holds today
         requested = [key for r in ranges for key in r]
         assert sorted(requested) == sorted(set(requested))
+
+
+def built(instance: dg.DagsterInstance, root: Path, table: str) -> None:
+    """Record every shard of the table as built from its rows staged now, as a shard run would."""
+    manifest = storage_in(root).staging_area().manifest(table)
+    for key, shard_id in zip(shard_keys(manifest), manifest.shard_ids, strict=True):
+        fingerprint = manifest.fingerprint(shard_id)
+        assert fingerprint is not None
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=shards.key, partition=key, metadata={INPUT_FINGERPRINT: fingerprint}
+            )
+        )
+
+
+def test_a_table_staged_again_rebuilds_only_the_shards_whose_rows_changed(tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        stage(instance, tmp_path, "t", rows=5)  # t/00002 holds one row
+        first = shards_tick(instance, tmp_path, None)
+        assert isinstance(first, dg.SensorResult)
+        built(instance, tmp_path, "t")
+        stage(instance, tmp_path, "t", rows=7)  # two rows appended: t/00002 grows, t/00003 is new
+        second = shards_tick(instance, tmp_path, first.cursor)
+        assert requested_ranges(instance, second) == [["t/00002", "t/00003"]]
+        assert isinstance(second, dg.SensorResult)
+        built(instance, tmp_path, "t")
+        stage(instance, tmp_path, "t", rows=7)  # the same file again: nothing to rebuild
+        third = shards_tick(instance, tmp_path, second.cursor)
+        assert isinstance(third, dg.SensorResult)
+        assert third.run_requests == []
+        assert third.cursor != second.cursor  # that staging is seen, once
 
 
 # --- both sensors through the sensor daemon --------------------------------------------------------

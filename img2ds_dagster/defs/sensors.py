@@ -22,7 +22,7 @@ from ..errors import ConfigError, Img2dsError, InputTableError, StagingMissingEr
 from .inbox import DropCursor, S3DropCursor, inbox_settings, list_s3_inbox
 from .partitions import SHARDS, contiguous_ranges, url_tables_partitions
 from .resources import S3InboxResource, StorageResource
-from .shards import MAX_SHARDS_PER_RUN, shards
+from .shards import MAX_SHARDS_PER_RUN, built_from_staging, shards
 from .url_tables import url_tables
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
@@ -148,9 +148,12 @@ def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, U
     target=[shards],
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=f"Builds the shards of each newly staged table, up to {MAX_SHARDS_PER_RUN} shards per run.",
+    description=f"Builds the shards of each newly staged table, up to {MAX_SHARDS_PER_RUN} shards per run; "
+    "for a table staged again, only the shards whose rows changed.",
 )
-def new_shards_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+def new_shards_sensor(
+    context: dg.SensorEvaluationContext, storage: StorageResource
+) -> dg.SensorResult | dg.SkipReason:
     after = int(context.cursor) if context.cursor else None
     result = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=url_tables.key, after_storage_id=after), limit=100, ascending=True
@@ -163,8 +166,16 @@ def new_shards_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     # A table staged twice since the last tick gets its shards once, for its latest staging.
     latest = {record.partition_key or "": record for record in result.records}
     requests = []
+    staging = storage.staging_area()
     for table, record in latest.items():
-        wanted = [k for k in ordered if k.startswith(table + "/")]
+        # A table staged again (a new version of its file) rebuilds only the shards whose rows changed.
+        try:
+            unchanged = built_from_staging(context.instance, staging.manifest(table))
+        except StagingMissingError:
+            unchanged = set()  # its shard runs will say what is missing
+        wanted = [k for k in ordered if k.startswith(table + "/") and k not in unchanged]
+        if unchanged:
+            context.log.info(f"{table}: {len(unchanged)} shards have the same rows as before and are kept")
         for first, last in contiguous_ranges(ordered, wanted, MAX_SHARDS_PER_RUN):
             requests.append(
                 dg.RunRequest(

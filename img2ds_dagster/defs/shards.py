@@ -5,16 +5,17 @@
 # decorated functions (context, config, resources) at definition time and needs real types.
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
 
 from ..engine.shard import ShardResult, build_shards
+from ..engine.sources import TableManifest
 from ..errors import ConfigError, ShardError
 from .partitions import shard_job, shards_partitions
 from .resources import StorageResource, WorkersResource
-from .url_tables import url_tables
+from .url_tables import shard_keys, url_tables
 
 MAX_SHARDS_PER_RUN = 8
 
@@ -79,6 +80,44 @@ def _materialized_in_this_run(context: dg.AssetExecutionContext) -> set[str]:
 
 
 INPUT_FINGERPRINT = "input_fingerprint"
+
+
+def recorded_fingerprints(
+    instance: dg.DagsterInstance, keys: Sequence[str], batch: int = 500, page: int = 1000
+) -> dict[str, str | None]:
+    """The input fingerprint (sources.py) each of these shards' latest materialization recorded, by
+    key; None when it recorded none, and no entry for a shard never materialized."""
+    found: dict[str, str | None] = {}
+    for start in range(0, len(keys), batch):
+        missing = set(keys[start : start + batch])
+        records_filter = dg.AssetRecordsFilter(asset_key=shards.key, asset_partitions=sorted(missing))
+        cursor = None
+        while missing:
+            result = instance.fetch_materializations(
+                records_filter, limit=page, cursor=cursor, ascending=False
+            )
+            for record in result.records:  # newest first: the first one per shard is its latest
+                key, materialization = record.partition_key, record.asset_materialization
+                if key not in missing or materialization is None:
+                    continue
+                missing.discard(key)
+                value = materialization.metadata.get(INPUT_FINGERPRINT)
+                found[key] = value.text if isinstance(value, dg.TextMetadataValue) else None
+            if not result.has_more:
+                break
+            cursor = result.cursor
+    return found
+
+
+def built_from_staging(instance: dg.DagsterInstance, manifest: TableManifest) -> set[str]:
+    """The table's shard keys whose latest materialization was built from the rows staged now."""
+    keys = shard_keys(manifest)
+    staged = dict(zip(keys, (manifest.fingerprint(i) for i in manifest.shard_ids), strict=True))
+    return {
+        k
+        for k, recorded in recorded_fingerprints(instance, keys).items()
+        if recorded and recorded == staged[k]
+    }
 
 
 def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:

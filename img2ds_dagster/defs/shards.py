@@ -134,6 +134,6 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "images_per_second": dg.MetadataValue.float(round(result.images_per_second, 1)),
         "duration_seconds": dg.MetadataValue.float(round(s.duration, 2)),
         "output": dg.MetadataValue.path(f"{result.output_folder}/{result.name}"),
-        # What download()'s incremental mode compares with the table's staging (runner.py).
+        # What download() and new_shards_sensor compare with the table's staging (built_from_staging).
         **({INPUT_FINGERPRINT: dg.MetadataValue.text(fingerprint)} if fingerprint else {}),
     }

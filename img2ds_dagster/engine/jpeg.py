@@ -28,10 +28,10 @@ from __future__ import annotations
 import re
 import struct
 
+from .probe import JPEG_SOF
+
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
 _SOF_PROGRESSIVE_HUFFMAN = 0xC2
-# Every start-of-frame marker; C4 (DHT), C8 (JPG) and CC (DAC) share the range but are not frames.
-_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _SOS, _DRI = 0xDA, 0xDD
 # What ends a scan's entropy-coded data: a marker, i.e. 0xFF followed by neither a stuffed zero, a
 # restart marker (part of the scan) nor another 0xFF (fill).
@@ -94,7 +94,7 @@ def dc_only(raw: bytes) -> bytes | None:
         end = pos + 2 + length
         if length < 2 or end > end_of_file:
             return None
-        if marker in _SOF:
+        if marker in JPEG_SOF:
             if marker != _SOF_PROGRESSIVE_HUFFMAN or full_resolution is not None:
                 return None
             frame = _frame(raw, pos, length)

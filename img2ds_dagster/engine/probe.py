@@ -85,7 +85,7 @@ def _byte_view(data: bytes | memoryview) -> memoryview:
 # JPEG
 
 # SOF0-3, 5-7, 9-11, 13-15; C4 (DHT), C8 (JPG) and CC (DAC) share the range but carry no frame header.
-_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _JPEG_PROGRESSIVE = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 # Markers without a length field: TEM, RST0-7 and a repeated SOI.
 _JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
@@ -116,7 +116,7 @@ def _probe_jpeg(buf: memoryview) -> ImageHeader | None:
         end = pos + length
         if marker == _JPEG_APP1 and bytes(buf[pos + 2 : min(end, pos + 8)]) == _EXIF_ID:
             has_exif = True
-        elif marker in _JPEG_SOF and frame is None:
+        elif marker in JPEG_SOF and frame is None:
             if length < 8 or pos + 8 > n:
                 break
             precision, height, width, components = struct.unpack_from(">BHHB", buf, pos + 2)

@@ -4,7 +4,6 @@ validate them, and stage them as one parquet file of input rows per shard plus a
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -13,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, cast
 
 import fsspec
@@ -285,7 +284,7 @@ class Staging:
         # Threads pay off on object stores, where each write is a round trip.
         with ThreadPoolExecutor(max_workers=16) as pool:
             fingerprints = list(pool.map(write_one, range(shard_count)))
-        manifest = dataclasses.replace(manifest, fingerprints=fingerprints)
+        manifest = replace(manifest, fingerprints=fingerprints)
         write_json_atomic(join(self.table_dir(table), MANIFEST_NAME), manifest.to_dict())
         log.info("staged %s: %d rows in %d shards", table, rows.num_rows, shard_count)
         return manifest

@@ -6,13 +6,13 @@ file as a ``url_tables`` partition, build its missing ``shards`` partitions in r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
 
-from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges
+from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges, shard_job
 from .defs.resources import StorageResource
 from .defs.shards import built_from_staging, shards
 from .defs.stats import download_stats
@@ -68,11 +68,13 @@ class AssetRunner:
         storage: StorageResource = self.resources["storage"]
         return storage.staging_area().manifest(table)
 
-    def staged_tables(self) -> dict[str, TableManifest]:
-        """The tables registered in this instance whose staging is complete, by name."""
+    def staged_tables(self, among: Iterable[str] | None = None) -> dict[str, TableManifest]:
+        """The tables registered in this instance (or those of ``among`` that are) whose staging is
+        complete, by name."""
         staging = self.resources["storage"].staging_area()
+        registered = self.instance.get_dynamic_partitions(URL_TABLES)
         found = {}
-        for table in self.instance.get_dynamic_partitions(URL_TABLES):
+        for table in registered if among is None else set(among).intersection(registered):
             try:
                 found[table] = staging.manifest(table)
             except StagingMissingError:
@@ -100,7 +102,8 @@ class AssetRunner:
         materialized, or last materialized from other rows than their table's staging holds now (a
         URL file edited, or grown into its last shard, since)."""
         wanted = set(keys)
-        done = {key for m in self.staged_tables().values() for key in built_from_staging(self.instance, m)}
+        tables = self.staged_tables(shard_job(k).table for k in wanted)
+        done = {key for m in tables.values() for key in built_from_staging(self.instance, m)}
         done &= wanted
         materialized = set(self.instance.get_materialized_partitions(shards.key) or ()) & wanted
         if materialized - done:

@@ -213,6 +213,24 @@ def test_truncated_jpeg_is_a_decoding_error(server: ImageServer) -> None:
         ImageProcessor(ImageSettings()).process(raw[: len(raw) * 6 // 10])
 
 
+@pytest.mark.parametrize("size", [(400, 300), (2400, 1000)])  # decoded at full size, and at 1/8
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ImageSettings(min_image_size=1500),
+        ImageSettings(max_image_area=10_000),
+        ImageSettings(max_aspect_ratio=1.1),
+    ],
+)
+def test_a_broken_image_is_a_decoding_error_whatever_the_filters(
+    server: ImageServer, size: tuple[int, int], settings: ImageSettings
+) -> None:
+    # img2dataset decodes before it filters: its message is the decoding error, not the filter's.
+    raw = photo(server, *size, "jpg")
+    with pytest.raises(ImageError, match=r"^Image decoding error$"):
+        ImageProcessor(settings).process(raw[: len(raw) * 6 // 10])
+
+
 def test_an_encoder_limit_fails_the_sample_not_the_shard(server: ImageServer) -> None:
     # keep_ratio makes 7x3000 into 256x109714, past JPEG's 65535-pixel limit.
     with pytest.raises(ImageError):
@@ -237,10 +255,18 @@ def psnr(a: bytes, b: bytes) -> float:
     return float(10 * np.log10(255**2 / mse)) if mse else float("inf")
 
 
-def test_a_reduced_jpeg_keeps_the_exact_scale(server: ImageServer) -> None:
+@pytest.mark.parametrize(("width", "height", "factor"), [(2049, 1537, 8), (2044, 1533, 4), (1021, 766, 2)])
+def test_a_reduced_jpeg_keeps_the_exact_scale(
+    server: ImageServer, width: int, height: int, factor: int
+) -> None:
     # At 1/8, 2049 pixels are 256.125: libjpeg rounds up to 257, and resizing those 257 pixels to
     # the target would stretch the picture by most of a pixel (31.6 dB against a full decode).
-    raw = photo(server, 2049, 1537, "jpg")
+    # 2044 pixels are 255.5 at 1/8, which libjpeg rounds up to the target's 256: too few pixels of
+    # picture, so 1/4 it is (1/8 gave 35.5 dB here, 1021 pixels at 1/2 33.1 dB).
+    raw = photo(server, width, height, "jpg")
+    header = probe(raw)
+    assert header is not None
+    assert jpeg_reduction(header, plan(width, height, ImageSettings()), ImageSettings()) == factor
     reduced = ImageProcessor(ImageSettings()).process(raw)
     full = ImageProcessor(ImageSettings(reduced_jpeg_decode=False)).process(raw)
     assert (reduced.width, reduced.height) == (full.width, full.height) == (256, 256)

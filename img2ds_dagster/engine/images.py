@@ -1,8 +1,8 @@
 """Decode, check, resize, pad or crop, and re-encode one image, with img2dataset's geometry.
 
 The output geometry is planned from the header's dimensions before anything is decoded, which lets
-the processor refuse oversized or filtered images for free and let libjpeg decode large JPEGs at 1/2,
-1/4 or 1/8 scale; other large images are averaged down by a whole factor before the final resize.
+the processor refuse decompression bombs for free and let libjpeg decode large JPEGs at 1/2, 1/4 or
+1/8 scale; other large images are averaged down by a whole factor before the final resize.
 Everything here runs in OpenCV calls that release the GIL, so several threads process images in
 parallel.
 """
@@ -109,12 +109,16 @@ def plan(width: int, height: int, s: ImageSettings) -> Geometry:
 
 
 def jpeg_reduction(header: ImageHeader, geometry: Geometry, s: ImageSettings) -> int:
-    """The largest libjpeg scale-down (8, 4, 2 or 1) that still leaves at least the target size."""
+    """The largest libjpeg scale-down (8, 4, 2 or 1) that still leaves at least the target size.
+
+    The exact reduced size counts, not the one libjpeg rounds up to: at 1/8, a 1018-pixel side is
+    127.25 pixels of picture in 128 pixels of output, the last one mostly edge padding, too few for
+    a 128-pixel target (26.6 dB against a full decode, where 1/4 gives 45)."""
     if not s.reduced_jpeg_decode or header.format != "jpeg" or geometry.size is None:
         return 1
     target_w, target_h = geometry.size
     for factor in (8, 4, 2):
-        if math.ceil(header.width / factor) >= target_w and math.ceil(header.height / factor) >= target_h:
+        if header.width >= target_w * factor and header.height >= target_h * factor:
             return factor
     return 1
 
@@ -152,15 +156,19 @@ class ImageProcessor:
             raise ImageError("Image decoding error")
         header = header if header is not None else probe(raw)
         if header is not None:
-            self._check(header.width, header.height)
+            self._check_pixels(header.width, header.height)
             geometry = plan(header.width, header.height, s)
+            # Decoded even when a filter refuses it: img2dataset decodes first, so an image that is
+            # both filtered and broken fails with "Image decoding error".
             img, rgb, scale = self._decode(raw, header, geometry)
             original = (header.width, header.height)
+            self._filter(*original)
         else:
             # Unknown or malformed header: let OpenCV try (its own pixel limit still applies).
             img, rgb, scale = self._decode_unchanged(raw), False, 1
             original = (img.shape[1], img.shape[0])
-            self._check(*original)
+            self._check_pixels(*original)
+            self._filter(*original)
             geometry = plan(*original, s)
         if self._keeps_bytes(header, geometry, img, boxes):
             return ProcessedImage(raw, original[0], original[1], *original)
@@ -190,14 +198,18 @@ class ImageProcessor:
             and header.format == _HEADER_FORMATS[self.settings.encode_format]
         )
 
-    def _check(self, width: int, height: int) -> None:
+    def _check_pixels(self, width: int, height: int) -> None:
+        """The decompression-bomb guard, applied to the header's size before anything is decoded."""
         s = self.settings
         if width * height > s.max_decoded_pixels:
             raise ImageError(
                 f"image of {width}x{height} pixels is over the max_decoded_pixels limit "
                 f"({s.max_decoded_pixels})"
             )
-        # img2dataset's filters and messages, applied before decoding.
+
+    def _filter(self, width: int, height: int) -> None:
+        """img2dataset's filters and messages, in its order."""
+        s = self.settings
         if min(width, height) < s.min_image_size:
             raise ImageError("image too small")
         if width * height > s.max_image_area:

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from .corpus import load_corpus, url_rows
 from .server import serve_corpus
-from .side_by_side import ROOT, command, ensure_img2dataset
+from .side_by_side import ROOT, command, ensure_img2dataset, psnr_db
 
 BASE = {
     "image_size": 128,
@@ -166,8 +166,7 @@ def _psnr(a: bytes, b: bytes) -> float | None:
     y = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED)
     if x is None or y is None or x.shape != y.shape:
         return None
-    mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else float(10 * np.log10(255**2 / mse))
+    return psnr_db(x, y)
 
 
 def compare(variant: str, reference: Path, candidate: Path, output_format: str) -> Comparison:

@@ -139,6 +139,12 @@ def images(folder: Path, rows: dict[str, dict[str, Any]]) -> dict[str, np.ndarra
     return found
 
 
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two 8-bit images of the same shape; 99 dB for identical ones."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
 def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
     """Do both outputs agree on which URLs succeed, on sizes, and (PSNR) on pixels?"""
     ref, cand = samples_by_url(reference), samples_by_url(candidate)
@@ -157,8 +163,7 @@ def agreement(reference: Path, candidate: Path) -> dict[str, Any]:
         a, b = ref_images.get(url), cand_images.get(url)
         if a is None or b is None or a.shape != b.shape:
             continue
-        mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-        psnr.append(99.0 if mse == 0 else 10 * np.log10(255**2 / mse))
+        psnr.append(psnr_db(a, b))
     return {
         "urls": len(ref),
         "success_in_both": len(both),

@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    cv2.setNumThreads(1)  # as build_shard does: the threads are the parallelism
+    cv2.setNumThreads(1)  # as engine.runtime.prepare_process does: the threads are the parallelism
     started = time.perf_counter()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(GOOD_KINDS))

@@ -33,9 +33,9 @@ def run_dagster_assets(options: dict[str, Any]) -> None:
     import dagster as dg
 
     from img2ds_dagster.api import INSTANCE_YAML
+    from img2ds_dagster.defs.partitions import shard_keys
     from img2ds_dagster.defs.resources import StorageResource, WorkersResource
     from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN
-    from img2ds_dagster.defs.url_tables import shard_keys
     from img2ds_dagster.runner import AssetRunner
 
     output = Path(options.pop("output_folder"))

@@ -16,14 +16,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import dagster as dg
+import pydantic
 
-from .config import DownloadConfig
+from .config import DownloadConfig, config_error
+from .defs.partitions import shard_keys
 from .defs.resources import StorageResource, WorkersResource
 from .defs.stats import collect_stats
-from .defs.url_tables import shard_keys
+from .engine.runtime import prepare_process
+from .engine.settings import EncodeFormat, Interpolation, OutputFormat, ResizeMode
 from .engine.sources import TableManifest, list_input_files, table_key
 from .engine.storage import absolute, local_path, remove
 from .errors import ConfigError, ShardError
@@ -54,107 +57,67 @@ class DownloadReport:
     stats_file: str = ""
 
 
-INCREMENTAL_MODES = ("incremental", "overwrite", "extend")
+IncrementalMode = Literal["incremental", "overwrite", "extend"]
+Distributor = Literal["multiprocessing", "pyspark", "ray"]
 _DISTRIBUTION = (
     "img2ds_dagster does not distribute work with {name}: it is Dagster's job. One machine: "
     "download() or `dagster dev` (processes_count/thread_count set the parallelism). Several machines: "
     "the deploy/ profile, where Dagster's run launcher (ECS or Kubernetes) starts shard runs as "
     "separate tasks or pods and the shards asset's pool limits how many run at once"
 )
+# The per-table options' defaults, which are the engine's (config.py): the signature below reads them
+# from here, so a default is written once.
+_D = DownloadConfig()
 
 
-def download(  # noqa: PLR0917 - img2dataset accepts its arguments positionally too
+def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional calls included
     url_list: str,
-    image_size: int = 256,
+    image_size: int = _D.image_size,
     output_folder: str = "images",
     processes_count: int = 1,
-    resize_mode: str = "border",
-    resize_only_if_bigger: bool = False,
-    upscale_interpolation: str = "lanczos",
-    downscale_interpolation: str = "area",
-    encode_quality: int = 95,
-    encode_format: str = "jpg",
-    skip_reencode: bool = False,
-    output_format: str = "files",
+    resize_mode: ResizeMode = _D.resize_mode,
+    resize_only_if_bigger: bool = _D.resize_only_if_bigger,
+    upscale_interpolation: Interpolation = _D.upscale_interpolation,
+    downscale_interpolation: Interpolation = _D.downscale_interpolation,
+    encode_quality: int = _D.encode_quality,
+    encode_format: EncodeFormat = _D.encode_format,
+    skip_reencode: bool = _D.skip_reencode,
+    output_format: OutputFormat = _D.output_format,
     input_format: str = "txt",
-    url_col: str = "url",
-    caption_col: str | None = None,
-    bbox_col: str | None = None,
+    url_col: str = _D.url_col,
+    caption_col: str | None = _D.caption_col,
+    bbox_col: str | None = _D.bbox_col,
     thread_count: int = 256,
-    number_sample_per_shard: int = 10000,
-    extract_exif: bool = True,
+    number_sample_per_shard: int = _D.number_sample_per_shard,
+    extract_exif: bool = _D.extract_exif,
     save_additional_columns: list[str] | None = None,
-    timeout: int = 10,
+    timeout: float = _D.timeout,
     enable_wandb: bool = False,
     wandb_project: str = "img2dataset",
-    oom_shard_count: int = 5,
-    compute_hash: str | None = "sha256",
+    oom_shard_count: int = _D.oom_shard_count,
+    compute_hash: str | None = _D.compute_hash,
     verify_hash: list[str] | None = None,
-    distributor: str = "multiprocessing",
+    distributor: Distributor = "multiprocessing",
     subjob_size: int = 1000,
-    retries: int = 0,
-    disable_all_reencoding: bool = False,
-    min_image_size: int = 0,
-    max_image_area: float = float("inf"),
-    max_aspect_ratio: float = float("inf"),
-    incremental_mode: str = "incremental",
+    retries: int = _D.retries,
+    disable_all_reencoding: bool = _D.disable_all_reencoding,
+    min_image_size: int = _D.min_image_size,
+    max_image_area: float = math.inf,
+    max_aspect_ratio: float = math.inf,
+    incremental_mode: IncrementalMode = "incremental",
     max_shard_retry: int = 1,
-    user_agent_token: str | None = None,
+    user_agent_token: str | None = _D.user_agent_token,
     disallowed_header_directives: list[str] | None = None,
-    ignore_ssl_certificate: bool = False,
+    ignore_ssl_certificate: bool = _D.ignore_ssl_certificate,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
     Raises ShardError at the end if some shards could not be built (the others are kept; call again
     to retry just those), ConfigError for a bad option and InputTableError for a bad URL file.
     """
-    _check_run_options(
-        processes_count=processes_count,
-        thread_count=thread_count,
-        enable_wandb=enable_wandb,
-        distributor=distributor,
-        incremental_mode=incremental_mode,
-        max_shard_retry=max_shard_retry,
-        subjob_size=subjob_size,
-    )
-    config = DownloadConfig(
-        image_size=image_size,
-        resize_mode=resize_mode,
-        resize_only_if_bigger=resize_only_if_bigger,
-        upscale_interpolation=upscale_interpolation,
-        downscale_interpolation=downscale_interpolation,
-        encode_quality=encode_quality,
-        encode_format=encode_format,
-        output_format=output_format,
-        input_format=input_format,
-        url_col=url_col,
-        caption_col=caption_col,
-        save_additional_columns=save_additional_columns,
-        number_sample_per_shard=number_sample_per_shard,
-        oom_shard_count=oom_shard_count,
-        extract_exif=extract_exif,
-        compute_hash=compute_hash,
-        timeout=timeout,
-        retries=retries,
-        user_agent_token=user_agent_token,
-        disallowed_header_directives=(
-            list(disallowed_header_directives)
-            if disallowed_header_directives is not None
-            else DownloadConfig.model_fields["disallowed_header_directives"].get_default(
-                call_default_factory=True
-            )
-        ),
-        min_image_size=min_image_size,
-        max_image_area=None if math.isinf(max_image_area) else max_image_area,
-        max_aspect_ratio=None if math.isinf(max_aspect_ratio) else max_aspect_ratio,
-        skip_reencode=skip_reencode,
-        disable_all_reencoding=disable_all_reencoding,
-        bbox_col=bbox_col,
-        verify_hash=list(verify_hash) if verify_hash is not None else None,
-        ignore_ssl_certificate=ignore_ssl_certificate,
-    )
-    config.to_settings()  # fail fast, naming the option, before anything is written
-
+    config = table_config(locals())
+    _check_run_options(locals())
+    prepare_process()
     output_folder = absolute(output_folder)
     files = list_input_files(absolute(url_list), input_format)
     tables = _table_keys(files)
@@ -199,7 +162,7 @@ def _stage_tables(
     sources: dict[str, str],
     config: DownloadConfig,
     output_folder: str,
-    incremental_mode: str,
+    incremental_mode: IncrementalMode,
 ) -> list[str]:
     """Stage each URL file as a ``url_tables`` partition, numbering shards on from the previous
     file's, as img2dataset numbers a folder's files; returns the shard keys, in order."""
@@ -251,34 +214,51 @@ def _build_shards(
     return outcome
 
 
-def _check_run_options(
-    *,
-    processes_count: int,
-    thread_count: int,
-    enable_wandb: bool,
-    distributor: str,
-    incremental_mode: str,
-    max_shard_retry: int,
-    subjob_size: int,
-) -> None:
-    if processes_count < 1 or thread_count < 1:
+def table_config(arguments: Mapping[str, Any]) -> DownloadConfig:
+    """The per-table options among ``download()``'s arguments, as the config of ``url_tables``,
+    checked (ConfigError naming the option) before anything is written.
+
+    img2dataset spells two things its own way, converted here, once: "no limit" is ``inf`` there and
+    None in the config, and ``disallowed_header_directives=None`` means the default list.
+    """
+    given = {name: arguments[name] for name in DownloadConfig.model_fields if name in arguments}
+    for name in ("max_image_area", "max_aspect_ratio"):
+        if math.isinf(given[name]):
+            given[name] = None
+    if given["disallowed_header_directives"] is None:
+        del given["disallowed_header_directives"]
+    try:
+        config = DownloadConfig(**given)
+    except pydantic.ValidationError as err:
+        raise config_error(err) from None
+    config.to_settings()
+    return config
+
+
+def _check_run_options(arguments: Mapping[str, Any]) -> None:
+    """The options of ``download()`` that are not a table's: how it runs."""
+    if arguments["processes_count"] < 1 or arguments["thread_count"] < 1:
         raise ConfigError("processes_count and thread_count: must be at least 1")
-    if enable_wandb:
+    if arguments["enable_wandb"]:
         raise ConfigError(
             "enable_wandb: img2ds_dagster reports to Dagster, not to Weights & Biases: run `dagster dev` "
             "with DAGSTER_HOME=<output_folder>/.img2ds/dagster to see each shard's run, logs and "
             "metadata, and the download_stats asset (also written to .img2ds/download_stats.json)"
         )
+    distributor = arguments["distributor"]
     if distributor in ("pyspark", "ray"):
         raise ConfigError(f"distributor={distributor!r}: " + _DISTRIBUTION.format(name=distributor))
-    if distributor != "multiprocessing":
-        raise ConfigError(f"distributor: {distributor!r} is not one of multiprocessing, pyspark, ray")
-    if incremental_mode not in INCREMENTAL_MODES:
-        raise ConfigError(f"incremental_mode: {incremental_mode!r} is not one of {list(INCREMENTAL_MODES)}")
-    if max_shard_retry < 0:
+    _require_one_of("distributor", distributor, Distributor)
+    _require_one_of("incremental_mode", arguments["incremental_mode"], IncrementalMode)
+    if arguments["max_shard_retry"] < 0:
         raise ConfigError("max_shard_retry: must be 0 or more")
-    if subjob_size < 1:
+    if arguments["subjob_size"] < 1:
         raise ConfigError("subjob_size: must be at least 1")
+
+
+def _require_one_of(option: str, value: str, allowed: Any) -> None:
+    if value not in get_args(allowed):
+        raise ConfigError(f"{option}: {value!r} is not one of {list(get_args(allowed))}")
 
 
 def _start_over(runner: AssetRunner, output_folder: str) -> None:

@@ -2,99 +2,135 @@
 
 These are the options that decide what a shard contains; they are fixed when a table is staged.
 Parallelism (threads, processes) is a resource instead, since it changes speed and not the output.
+Every default is the engine's (``engine/settings.py``), read from its dataclasses: a default lives
+there and nowhere else.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
+import pydantic
 from pydantic import Field
 
-from .engine.settings import DEFAULT_DISALLOWED_DIRECTIVES, DownloadSettings
+from .engine.settings import (
+    DownloadSettings,
+    EncodeFormat,
+    FetchSettings,
+    ImageSettings,
+    Interpolation,
+    OutputFormat,
+    OutputSettings,
+    ResizeMode,
+    SourceSettings,
+)
 from .errors import ConfigError
 
-# The Dagster UI shows config defaults as JSON, which has no infinity: "no limit" is None here.
-_UNLIMITED = {"max_image_area", "max_aspect_ratio"}
+_SOURCE, _FETCH, _IMAGE, _OUTPUT = SourceSettings(), FetchSettings(), ImageSettings(), OutputSettings()
+
+
+def config_error(err: pydantic.ValidationError, origin: Mapping[str, str] | None = None) -> ConfigError:
+    """A ConfigError with one ``option: problem`` per bad option, each preceded by the file it came
+    from when ``origin`` (option -> settings file) knows it."""
+    problems = []
+    for error in err.errors():
+        option = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "literal_error":  # worded as the engine's own checks
+            problem = f"must be one of {error.get('ctx', {}).get('expected')}"
+        else:
+            problem = error["msg"][:1].lower() + error["msg"][1:]
+        where = (origin or {}).get(str(error["loc"][0]) if error["loc"] else "")
+        problems.append(f"{where}: " * bool(where) + f"{option}: {problem}, got {error.get('input')!r}")
+    return ConfigError("; ".join(problems))
 
 
 class DownloadConfig(dg.Config):
     """Per-table download options (img2dataset's flags)."""
 
-    image_size: int = Field(default=256, description="Side of the output image, in pixels.")
-    resize_mode: str = Field(
-        default="border", description="no, border, keep_ratio, keep_ratio_largest or center_crop."
+    image_size: int = Field(default=_IMAGE.image_size, description="Side of the output image, in pixels.")
+    resize_mode: ResizeMode = Field(
+        default=_IMAGE.resize_mode, description="How the image is fitted to image_size."
     )
-    resize_only_if_bigger: bool = Field(default=False, description="Only ever scale images down.")
-    upscale_interpolation: str = "lanczos"
-    downscale_interpolation: str = "area"
+    resize_only_if_bigger: bool = Field(
+        default=_IMAGE.resize_only_if_bigger, description="Only ever scale images down."
+    )
+    upscale_interpolation: Interpolation = _IMAGE.upscale_interpolation
+    downscale_interpolation: Interpolation = _IMAGE.downscale_interpolation
     encode_quality: int = Field(
-        default=95, description="JPEG/WebP quality; for png, the compression level 0-9."
+        default=_IMAGE.encode_quality, description="JPEG/WebP quality; for png, the compression level 0-9."
     )
-    encode_format: str = Field(default="jpg", description="jpg, png or webp.")
-    output_format: str = Field(default="files", description="files, webdataset, parquet, tfrecord or dummy.")
+    encode_format: EncodeFormat = _IMAGE.encode_format
+    output_format: OutputFormat = _OUTPUT.output_format
     input_format: str | None = Field(
-        default=None,
+        default=_SOURCE.input_format,
         description="txt, csv, tsv, json, jsonl (optionally .gz) or parquet; default: from the file name.",
     )
-    url_col: str = "url"
-    caption_col: str | None = None
+    url_col: str = _SOURCE.url_col
+    caption_col: str | None = _SOURCE.caption_col
     save_additional_columns: list[str] | None = Field(
         default=None, description="Input columns copied into each sample's metadata."
     )
-    number_sample_per_shard: int = 10000
-    oom_shard_count: int = Field(default=5, description="Digits of zero padding in shard names.")
-    extract_exif: bool = True
+    number_sample_per_shard: int = _SOURCE.number_sample_per_shard
+    oom_shard_count: int = Field(
+        default=_OUTPUT.oom_shard_count, description="Digits of zero padding in shard names."
+    )
+    extract_exif: bool = _OUTPUT.extract_exif
+    # Not a Literal like the others: Dagster's config has no optional enum. The engine checks it.
     compute_hash: str | None = Field(
-        default="sha256", description="None, md5, sha256 or sha512 of the downloaded bytes."
+        default=_OUTPUT.compute_hash,
+        description="md5, sha256, sha512 or None: the hash saved with each sample.",
     )
     timeout: float = Field(
-        default=10.0, description="Seconds allowed for one download attempt, body included."
+        default=_FETCH.timeout, description="Seconds allowed for one download attempt, body included."
     )
     retries: int = Field(
-        default=0, description="Extra attempts after a transient failure (timeout, 5xx, 429)."
+        default=_FETCH.retries, description="Extra attempts after a transient failure (timeout, 5xx, 429)."
     )
-    user_agent_token: str | None = None
+    user_agent_token: str | None = _FETCH.user_agent_token
     disallowed_header_directives: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES),
+        default_factory=lambda: list(_FETCH.disallowed_header_directives),
         description="X-Robots-Tag directives that exclude an image; [] keeps everything.",
     )
-    min_image_size: int = 0
-    max_image_area: float | None = Field(default=None, description="None: no limit.")
-    max_aspect_ratio: float | None = Field(default=None, description="None: no limit.")
-    max_download_bytes: int = Field(default=64 * 1024 * 1024, description="Larger bodies are not downloaded.")
+    min_image_size: int = _IMAGE.min_image_size
+    max_image_area: float | None = Field(default=_IMAGE.max_image_area, description="None: no limit.")
+    max_aspect_ratio: float | None = Field(default=_IMAGE.max_aspect_ratio, description="None: no limit.")
+    max_download_bytes: int = Field(
+        default=_FETCH.max_download_bytes, description="Larger bodies are not downloaded."
+    )
     max_decoded_pixels: int = Field(
-        default=89_478_485, description="Images whose header claims more pixels are not decoded."
+        default=_IMAGE.max_decoded_pixels,
+        description="Images whose header claims more pixels are not decoded.",
     )
     reduced_jpeg_decode: bool = Field(
-        default=True,
+        default=_IMAGE.reduced_jpeg_decode,
         description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale, and average other large images down by a "
         "whole factor, before the last resize; False resizes in one step as img2dataset does.",
     )
     skip_reencode: bool = Field(
-        default=False,
+        default=_IMAGE.skip_reencode,
         description="Keep the downloaded bytes when no resize is needed and the format is encode_format.",
     )
     disable_all_reencoding: bool = Field(
-        default=False, description="Keep the downloaded bytes untouched: no decoding, checks or resizing."
+        default=_IMAGE.disable_all_reencoding,
+        description="Keep the downloaded bytes untouched: no decoding, checks or resizing.",
     )
     bbox_col: str | None = Field(
-        default=None,
+        default=_SOURCE.bbox_col,
         description="Column of boxes [[x_min, y_min, x_max, y_max], ...] (relative) to blur; also saved.",
     )
     verify_hash: list[str] | None = Field(
         default=None,
         description="[column, hash type]: images whose bytes do not match are failed_to_download.",
     )
-    ignore_ssl_certificate: bool = Field(default=False, description="Accept any certificate on https URLs.")
+    ignore_ssl_certificate: bool = Field(
+        default=_FETCH.ignore_ssl_certificate, description="Accept any certificate on https URLs."
+    )
 
     def to_settings(self) -> DownloadSettings:
         """The engine's settings; raises ConfigError naming the option when a value cannot work."""
         flags: dict[str, Any] = {name: getattr(self, name) for name in DownloadConfig.model_fields}
-        for name in _UNLIMITED:
-            if flags[name] is None:
-                flags[name] = math.inf
         flags["save_additional_columns"] = flags["save_additional_columns"] or []
         verify = flags.pop("verify_hash")
         if verify is not None:

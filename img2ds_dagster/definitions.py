@@ -15,7 +15,9 @@ from .defs.sensors import new_shards_sensor, s3_url_drop_sensor, url_drop_sensor
 from .defs.shards import shards
 from .defs.stats import download_stats, download_stats_sensor
 from .defs.url_tables import url_tables
+from .engine.runtime import prepare_process
 
+prepare_process()  # this module is the code location's entry point, in every Dagster process
 S3_INBOX = os.environ.get("IMG2DS_S3_INBOX")
 
 defs = dg.Definitions(

@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges, shard_job
+from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges, range_tags, shard_job
 from .defs.resources import StorageResource
 from .defs.shards import built_from_staging, shards
 from .defs.stats import download_stats
@@ -24,8 +24,6 @@ from .errors import StagingMissingError
 log = logging.getLogger(__name__)
 
 ASSETS = [url_tables, shards, download_stats]
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 # Dagster's console logger prints every event at DEBUG; in-process callers want warnings only.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -120,9 +118,7 @@ class AssetRunner:
         built: set[str] = set()
         for first, last in contiguous_ranges(ordered, keys, max_per_run or max(1, len(keys))):
             # A failed shard shows in its partition status and is reported below; it is not raised.
-            result = self._materialize(
-                shards, raise_on_error=False, tags={RANGE_START_TAG: first, RANGE_END_TAG: last}
-            )
+            result = self._materialize(shards, raise_on_error=False, tags=range_tags(first, last))
             built.update(e.partition for e in result.get_asset_materialization_events() if e.partition)
         return ShardsOutcome(
             built=[k for k in keys if k in built], failed=[k for k in keys if k not in built]

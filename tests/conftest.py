@@ -18,6 +18,12 @@ import pytest
 # pytest puts this folder on sys.path (tests/ is not a package), so the server module imports as is.
 from imageserver import ImageServer
 
+from img2ds_dagster.engine.runtime import prepare_process
+
+# The engine's tests call it below its entry points (download(), build_shards, the code location),
+# which each make the process-wide settings first: so does the test process.
+prepare_process()
+
 # The server's routes that give a real image, with the size it has.
 GOOD_IMAGES = {
     "/gen/640x480.jpg": (640, 480),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -170,10 +171,10 @@ def test_a_failed_shard_is_reported_and_retried_alone_on_the_next_call(
     args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
     real_build = engine_shard.build_shard
 
-    def disk_full_on_shard_1(staging, table, shard_id, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if shard_id == 1:
+    def disk_full_on_shard_1(staging, job, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if job.shard_id == 1:
             raise OSError(28, "No space left on device")
-        return real_build(staging, table, shard_id, *args, **kwargs)
+        return real_build(staging, job, *args, **kwargs)
 
     monkeypatch.setattr(engine_shard, "build_shard", disk_full_on_shard_1)
     with pytest.raises(ShardError, match=r"1 of 3 shards could not be built \(urls/00001\)"):
@@ -186,6 +187,52 @@ def test_a_failed_shard_is_reported_and_retried_alone_on_the_next_call(
     report = download(**args, **FAST)  # type: ignore[arg-type]
     assert report.shards_built == ["urls/00001"]
     assert [server.hits[p] - hits[p] for p in paths] == [0, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.slow
+def test_a_download_killed_while_writing_a_shard_is_cleaned_up_by_the_next(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    """SIGKILL while a shard's files are written leaves its hidden temporary folder behind; the next
+    build of that shard removes it (and nothing else), and the dataset comes out whole."""
+    urls = [server.url(f"/gen/{32 + i % 40}x24.jpg?kill={i}") for i in range(1500)]
+    args = {
+        "url_list": str(write_url_file(tmp_path / "urls.txt", urls)),
+        "output_folder": str(tmp_path / "out"),
+        "output_format": "files",  # a folder of 4500 files: the longest write of any format
+        "number_sample_per_shard": 1500,
+        "thread_count": 16,
+        "timeout": 10,
+    }
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", f"from img2ds_dagster import download; download(**{args!r})"]
+    )
+    try:
+        leftovers: list[str] = []
+        deadline = time.monotonic() + 120
+        while not leftovers and child.poll() is None and time.monotonic() < deadline:
+            leftovers = [n for n in os.listdir(out) if n.startswith(".00000.tmp-")] if out.exists() else []
+            time.sleep(0.001)
+        child.kill()
+    finally:
+        child.wait()
+    assert leftovers, "the shard was never seen being written"
+    assert not (out / "00000_stats.json").exists()
+    # Names that are not this shard's temporaries are not touched.
+    others = [".00001.tar.tmp-0123456789ab", "00000.tmp-0123456789ab", ".00000.tar.tmp-notours"]
+    for name in others:
+        (out / name).write_bytes(b"")
+
+    report = download(**args)  # type: ignore[arg-type]
+    assert report.shards_built == ["urls/00000"]
+    assert sorted(n for n in os.listdir(out) if "tmp-" in n) == sorted(others)
+    table = pq.read_table(out / "00000.parquet")
+    assert table.column("url").to_pylist() == urls
+    assert set(table.column("status").to_pylist()) == {"success"}, set(
+        table.column("error_message").to_pylist()
+    )
+    assert len(os.listdir(out / "00000")) == 3 * len(urls) - len(urls)  # .jpg and .json, no caption
 
 
 def test_captions_off_and_extra_columns(server: ImageServer, tmp_path: Path) -> None:

@@ -21,9 +21,8 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster_support import add_asset_backfill, daemon_workspace, run_backfill_to_end, statuses
 from imageserver import ImageServer
 
-from img2ds_dagster.defs.partitions import SHARDS, URL_TABLES
+from img2ds_dagster.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SHARDS, URL_TABLES
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
-from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG
 from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN, shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables

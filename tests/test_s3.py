@@ -29,13 +29,14 @@ from test_writers import SCHEMA, fail_half_way, samples, with_successes
 
 from img2ds_dagster import download
 from img2ds_dagster.defs.inbox import S3DropCursor, S3Object, split_s3_url
-from img2ds_dagster.defs.partitions import SHARDS, URL_TABLES
+from img2ds_dagster.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SHARDS, URL_TABLES
 from img2ds_dagster.defs.resources import S3InboxResource, StorageResource, WorkersResource, s3_resource
-from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG, s3_url_drop_sensor, url_drop_sensor
+from img2ds_dagster.defs.sensors import s3_url_drop_sensor, url_drop_sensor
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
-from img2ds_dagster.engine.storage import AtomicFolder
+from img2ds_dagster.engine import storage as storage_module
+from img2ds_dagster.engine.storage import StoreFolder
 from img2ds_dagster.engine.writers import ShardTarget, open_writer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,7 +182,7 @@ def test_listing_starts_after_the_cursor_and_a_full_listing_finds_earlier_keys(
 def test_folder_sensor_on_an_s3_inbox_sees_files_dropped_after_a_listing(
     s3: S3Server, client: Any, tmp_path: Path
 ) -> None:
-    # s3fs would answer the second listing from its cache and miss b.csv; engine/storage.py turns
+    # s3fs would answer the second listing from its cache and miss b.csv; engine/runtime.py turns
     # that cache off.
     client.create_bucket(Bucket="folder")
     storage = StorageResource(
@@ -340,10 +341,55 @@ def test_a_failed_shard_rewrite_leaves_the_bucket_as_it_was(s3: S3Server, client
     assert client.list_multipart_uploads(Bucket="rewrite").get("Uploads", []) == []
 
 
+def write_and_commit(output_format: str, shard: ShardTarget, written: Sequence[Any]) -> None:
+    with open_writer(output_format, shard) as writer:
+        for sample in written:
+            writer.write(sample)
+        writer.commit()
+
+
+def test_a_shard_that_fails_in_its_commit_uploads_nothing(s3: S3Server, client: Any) -> None:
+    # The metadata cannot be written (a width that is not a number): the tar, complete by then, must
+    # not reach the bucket, where it would stand beside no parquet or an old one.
+    client.create_bucket(Bucket="commit")
+    shard = ShardTarget("s3://commit/dataset", "00000", SCHEMA, "jpg", True)
+    bad = samples()
+    bad[-1].meta["width"] = "wide"
+    with pytest.raises((TypeError, ValueError)):
+        write_and_commit("webdataset", shard, bad)
+    assert fsspec.filesystem("s3").find("commit/dataset") == []
+
+
+def test_an_upload_that_fails_half_way_is_discarded_not_completed(
+    s3: S3Server, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A multipart upload under way when the connection fails is aborted: closing the file instead
+    would complete it with the parts sent so far."""
+    client.create_bucket(Bucket="partial")
+    monkeypatch.setitem(fsspec.config.conf.setdefault("s3", {}), "default_block_size", 5 << 20)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    real_copy = storage_module.shutil.copyfileobj
+
+    def network_fails_after_12_mib(source: Any, destination: Any, length: int = 0) -> None:
+        real_copy(io.BytesIO(source.read(12 << 20)), destination, 1 << 20)
+        raise ConnectionResetError("connection reset by the store")
+
+    monkeypatch.setattr(storage_module.shutil, "copyfileobj", network_fails_after_12_mib)
+    try:
+        big = storage_module.atomic_file("s3://partial/dataset/00000.tar")
+        big.file.write(os.urandom(16 << 20))
+        with pytest.raises(ConnectionResetError):
+            big.commit()
+    finally:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    assert fsspec.filesystem("s3").find("partial") == []
+    assert client.list_multipart_uploads(Bucket="partial").get("Uploads", []) == []
+
+
 def test_a_files_shard_rewritten_on_s3_has_the_new_versions_objects_only_once_committed(
     s3: S3Server, client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(AtomicFolder, "BATCH_OBJECTS", 2)  # uploads under way when the shard fails
+    monkeypatch.setattr(StoreFolder, "BATCH_OBJECTS", 2)  # uploads under way when the shard fails
     client.create_bucket(Bucket="files")
     shard = ShardTarget("s3://files/dataset", "00000", SCHEMA, "jpg", True)
     with open_writer("files", shard) as writer:

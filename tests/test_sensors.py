@@ -23,12 +23,14 @@ from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from dagster_support import daemon_workspace, sensor_cursors, statuses, tick_sensors
 from imageserver import ImageServer
 
-from img2ds_dagster.defs.partitions import SHARDS, URL_TABLES
+from img2ds_dagster.defs.inbox import drop_config
+from img2ds_dagster.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SHARDS, URL_TABLES, shard_keys
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
-from img2ds_dagster.defs.sensors import RANGE_END_TAG, RANGE_START_TAG, new_shards_sensor, url_drop_sensor
+from img2ds_dagster.defs.sensors import new_shards_sensor, url_drop_sensor
 from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, MAX_SHARDS_PER_RUN, shards
 from img2ds_dagster.defs.stats import download_stats
-from img2ds_dagster.defs.url_tables import shard_keys, url_tables
+from img2ds_dagster.defs.url_tables import url_tables
+from img2ds_dagster.errors import ConfigError
 
 SensorOutcome = dg.SensorResult | dg.SkipReason
 
@@ -178,6 +180,34 @@ def test_unknown_option_in_a_settings_file_skips_that_file(tmp_path: Path) -> No
     age(write_url_file(inbox / "b.csv", ["http://h/2"]), 60)
     with dg.instance_for_test() as instance:
         assert sorted(requests_by_key(drop_tick(instance, storage, None))) == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("inbox_toml", "own_toml", "message"),
+    [
+        # A value outside its option's list: refused by the config's Literal type.
+        ("", 'resize_mode = "stretch"\n', r"a\.img2ds\.toml: resize_mode: must be one of 'no', 'border'"),
+        # Only the engine's rule knows this one (png's quality is a compression level); the option
+        # comes from the inbox's file, which is the one named.
+        ("encode_quality = 95\n", 'encode_format = "png"\n', r"inbox/img2ds\.toml: encode_quality: for png"),
+        ("", "number_samples_per_shard = 4\n", r"a\.img2ds\.toml: unknown option\(s\) \['number_samples"),
+    ],
+)
+def test_a_bad_settings_file_is_refused_naming_the_file_and_the_option(
+    tmp_path: Path, inbox_toml: str, own_toml: str, message: str
+) -> None:
+    storage = storage_in(tmp_path)
+    inbox = tmp_path / "inbox"
+    age(write_url_file(inbox / "a.csv", ["http://h/1"]), 60)
+    if inbox_toml:
+        (inbox / "img2ds.toml").write_text(inbox_toml)
+    (inbox / "a.img2ds.toml").write_text(own_toml)
+    with pytest.raises(ConfigError, match=message):
+        drop_config(str(inbox / "a.csv"))
+    with dg.instance_for_test() as instance:
+        outcome = drop_tick(instance, storage, None)
+        assert isinstance(outcome, dg.SensorResult)
+        assert not outcome.run_requests  # refused by the sensor: no run to fail
 
 
 def test_a_tick_that_only_skips_bad_files_still_advances_the_cursor(tmp_path: Path) -> None:

@@ -78,8 +78,8 @@ def test_dagster_config_defaults_are_the_engines() -> None:
                 expected = ["noai", "noimageai", "noindex", "noimageindex"]
             if name == "save_additional_columns":  # None means no extra column
                 expected = []
-            if isinstance(expected, float) and math.isinf(expected):
-                expected = "inf"
+            if isinstance(expected, float) and math.isinf(expected):  # "no limit"
+                expected = None
             assert flat[name] == expected, name
 
 
@@ -88,7 +88,11 @@ def test_settings_survive_a_json_round_trip() -> None:
         image_size=384, caption_col="text", save_additional_columns=["a"], max_aspect_ratio=3.5
     )
     assert DownloadSettings.from_dict(settings.to_dict()) == settings
-    assert settings.to_dict()["image"]["max_image_area"] == "inf"
+    assert settings.to_dict()["image"]["max_image_area"] is None  # no limit
+    # Tables staged by img2ds_dagster 0.1 saved "no limit" as "inf".
+    old = settings.to_dict()
+    old["image"]["max_image_area"] = "inf"
+    assert DownloadSettings.from_dict(old) == settings
 
 
 @pytest.mark.parametrize(

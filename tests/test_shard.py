@@ -15,9 +15,11 @@ import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
+from img2ds_dagster.engine import sample as sample_module
 from img2ds_dagster.engine import shard as shard_module
+from img2ds_dagster.engine.cpu import CpuPool
 from img2ds_dagster.engine.settings import DownloadSettings
-from img2ds_dagster.engine.shard import CpuPool, ShardJob, ShardResult, Workers, build_shard, build_shards
+from img2ds_dagster.engine.shard import ShardJob, ShardResult, Workers, build_shard, build_shards
 from img2ds_dagster.engine.sources import Staging, TableManifest
 from img2ds_dagster.errors import ShardError
 
@@ -42,7 +44,7 @@ def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: P
     paths = [*GOOD_IMAGES, *BAD_IMAGES, "/slow.jpg"]
     urls = [server.url(p) for p in paths] + ["", "ftp://127.0.0.1/a.jpg"]
     staging, _manifest = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=100)
-    result = build_shard(staging, "t", 0, WORKERS)
+    result = build_shard(staging, ShardJob("t", 0), WORKERS)
 
     table = pq.read_table(tmp_path / "out" / "t" / "00000.parquet")
     rows = table.to_pylist()
@@ -87,7 +89,7 @@ def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: P
 def test_keys_follow_img2dataset_digits(server: ImageServer, tmp_path: Path) -> None:
     urls = [server.url("/gen/10x10.jpg")] * 3
     staging, _manifest = stage(tmp_path, urls, number_sample_per_shard=2, oom_shard_count=3)
-    build_shard(staging, "t", 1, WORKERS)
+    build_shard(staging, ShardJob("t", 1), WORKERS)
     keys = pq.read_table(tmp_path / "out" / "t" / "001.parquet").column("key").to_pylist()
     # ceil(log10(2)) = 1 digit of index after 3 digits of shard id, as img2dataset names them.
     assert keys == ["0010"]
@@ -119,9 +121,9 @@ def test_shards_build_in_parallel_and_a_broken_one_is_reported(server: ImageServ
 def test_rebuilding_gives_byte_identical_shards(server: ImageServer, tmp_path: Path) -> None:
     urls = [server.url(p) for p in (*GOOD_IMAGES, *BAD_IMAGES)]
     staging, _ = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=100)
-    build_shard(staging, "t", 0, WORKERS)
+    build_shard(staging, ShardJob("t", 0), WORKERS)
     first = {p.name: p.read_bytes() for p in (tmp_path / "out" / "t").iterdir() if p.suffix != ".json"}
-    build_shard(staging, "t", 0, Workers(thread_count=3))
+    build_shard(staging, ShardJob("t", 0), Workers(thread_count=3))
     second = {p.name: p.read_bytes() for p in (tmp_path / "out" / "t").iterdir() if p.suffix != ".json"}
     assert first == second
 
@@ -129,7 +131,7 @@ def test_rebuilding_gives_byte_identical_shards(server: ImageServer, tmp_path: P
 def test_unknown_shard_id_is_a_shard_error(server: ImageServer, tmp_path: Path) -> None:
     staging, _ = stage(tmp_path, [server.url("/gen/10x10.jpg")])
     with pytest.raises(ShardError, match="table 't' has shards range"):
-        build_shard(staging, "t", 5, WORKERS)
+        build_shard(staging, ShardJob("t", 5), WORKERS)
 
 
 def _queue_behind_a_busy_worker(pool: CpuPool, tasks: list[tuple[str, int]]) -> list[str]:
@@ -191,7 +193,7 @@ def test_shards_built_together_take_lanes_in_job_order(
     lanes: dict[int, int | None] = {}
 
     def recording(*args: Any, lane: int | None) -> ShardResult:
-        lanes[args[2]] = lane
+        lanes[args[1].shard_id] = lane
         return build_shard(*args, lane=lane)
 
     monkeypatch.setattr(shard_module, "build_shard", recording)
@@ -251,7 +253,7 @@ def test_an_unexpected_error_fails_the_shard_as_itself(
     def broken(self: object, raw: bytes, header: object = None, boxes: object = None) -> None:
         raise RuntimeError("bug in the image step")
 
-    monkeypatch.setattr(shard_module.ImageProcessor, "process", broken)
+    monkeypatch.setattr(sample_module.ImageProcessor, "process", broken)
     staging, _manifest = stage(tmp_path, [server.url(p) for p in [*GOOD_IMAGES] * 5])
     with pytest.raises(RuntimeError, match="bug in the image step"):
-        build_shard(staging, "t", 0, WORKERS)
+        build_shard(staging, ShardJob("t", 0), WORKERS)

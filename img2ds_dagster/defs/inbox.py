@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pydantic
 
+from ..config import DownloadConfig, UrlTableConfig, config_error
 from ..engine.sources import input_format_of, table_key
 from ..errors import ConfigError
 
@@ -45,12 +46,15 @@ class DropCursor:
         return json.dumps({"mtime": self.mtime, "seen": sorted(self.seen)})
 
 
-def inbox_settings(path: str, known: Collection[str]) -> dict[str, Any]:
-    """Download options for a dropped file: the inbox's ``img2ds.toml``, overridden by the file's own
-    ``<name>.img2ds.toml`` (e.g. ``caption_col = "caption"``). Both are optional; an option that is
-    not in ``known`` is an error naming the settings file."""
+def drop_config(path: str) -> UrlTableConfig:
+    """The ``url_tables`` config of a dropped file: its download options come from the inbox's
+    ``img2ds.toml``, overridden by the file's own ``<name>.img2ds.toml`` (e.g. ``caption_col =
+    "caption"``); both are optional. Every option is checked here, by the config's own types and the
+    engine's rules, so that a bad one is refused before a run starts: ConfigError naming the
+    settings file and the option."""
     folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
     settings: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # option -> the settings file it came from
     for candidate in (f"{folder}/{INBOX_SETTINGS}", f"{folder}/{table_key(name)}{SETTINGS_SUFFIX}"):
         fs, p = fsspec.core.url_to_fs(candidate)
         if not fs.exists(p):
@@ -60,11 +64,21 @@ def inbox_settings(path: str, known: Collection[str]) -> dict[str, Any]:
                 found = tomllib.load(f)
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"{candidate}: not valid TOML: {err}") from None
-        unknown = sorted(set(found) - set(known))
+        unknown = sorted(set(found) - set(DownloadConfig.model_fields))
         if unknown:
             raise ConfigError(f"{candidate}: unknown option(s) {unknown}")
         settings.update(found)
-    return settings
+        origin.update(dict.fromkeys(found, candidate))
+    try:
+        config = UrlTableConfig(**settings, source=path)
+    except pydantic.ValidationError as err:
+        raise config_error(err, origin) from None
+    try:
+        config.to_settings()
+    except ConfigError as err:  # the message starts with the option's name
+        option = str(err).split(":", 1)[0]
+        raise ConfigError(f"{origin.get(option, path)}: {err}") from None
+    return config
 
 
 def is_url_file(name: str) -> bool:

@@ -88,15 +88,19 @@ def _seconds(value: object) -> float:
     return float(timestamp()) if callable(timestamp) else float(value)  # type: ignore[arg-type]
 
 
+_WORKERS = Workers()
+
+
 class WorkersResource(dg.ConfigurableResource):
     """Parallelism of shard runs. It changes speed, never the output, so it is not part of a table's
     settings and can differ between the runs of one table. A run is one process: its threads use
     every core; run more runs at once (dagster.yaml) to use more machines."""
 
-    thread_count: int = 256  # downloads in flight per shard (img2dataset's download threads)
-    parallel_shards: int = 2  # shards of a run built at once
-    cpu_threads: int = 0  # images processed at once; 0: one per core
-    spool_dir: str | None = None
+    # The engine's defaults (engine/shard.py's Workers says what each one is).
+    thread_count: int = _WORKERS.thread_count
+    parallel_shards: int = _WORKERS.parallel_shards
+    cpu_threads: int = _WORKERS.cpu_threads
+    spool_dir: str | None = _WORKERS.spool_dir
 
     def workers(self) -> Workers:
         return Workers(

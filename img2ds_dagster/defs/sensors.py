@@ -13,20 +13,16 @@ import time
 from collections.abc import Sequence
 
 import dagster as dg
-import pydantic
 from dagster_aws.s3 import S3Resource
 
-from ..config import DownloadConfig, UrlTableConfig
+from ..config import UrlTableConfig
 from ..engine.sources import Staging, table_key
-from ..errors import ConfigError, Img2dsError, InputTableError, StagingMissingError
-from .inbox import DropCursor, S3DropCursor, inbox_settings, list_s3_inbox
-from .partitions import SHARDS, contiguous_ranges, url_tables_partitions
+from ..errors import Img2dsError, InputTableError, StagingMissingError
+from .inbox import DropCursor, S3DropCursor, drop_config, list_s3_inbox
+from .partitions import SHARDS, contiguous_ranges, range_tags, url_tables_partitions
 from .resources import S3InboxResource, StorageResource
 from .shards import MAX_SHARDS_PER_RUN, built_from_staging, shards
 from .url_tables import url_tables
-
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 @dg.sensor(
@@ -137,11 +133,7 @@ def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, U
         staged_from = path
     if staged_from != path:
         raise InputTableError(f"table {key!r} was staged from {staged_from}; rename this file")
-    try:
-        config = UrlTableConfig(**{**inbox_settings(path, DownloadConfig.model_fields), "source": path})
-    except pydantic.ValidationError as err:
-        raise ConfigError(f"bad settings: {err}") from None
-    return key, config
+    return key, drop_config(path)
 
 
 @dg.sensor(
@@ -180,7 +172,7 @@ def new_shards_sensor(
             requests.append(
                 dg.RunRequest(
                     run_key=f"{table}@{record.storage_id}:{first}",
-                    tags={RANGE_START_TAG: first, RANGE_END_TAG: last, "img2ds/table": table},
+                    tags={**range_tags(first, last), "img2ds/table": table},
                 )
             )
     return dg.SensorResult(run_requests=requests, cursor=str(result.records[-1].storage_id))

@@ -13,9 +13,9 @@ import dagster as dg
 from ..engine.shard import ShardResult, build_shards
 from ..engine.sources import TableManifest
 from ..errors import ConfigError, ShardError
-from .partitions import shard_job, shards_partitions
+from .partitions import shard_job, shard_keys, shards_partitions
 from .resources import StorageResource, WorkersResource
-from .url_tables import shard_keys, url_tables
+from .url_tables import url_tables
 
 MAX_SHARDS_PER_RUN = 8
 
@@ -38,7 +38,7 @@ with warnings.catch_warnings():
         pool="img2ds_download",
         output_required=False,
         group_name="img2ds",
-        kinds={"webdataset"},
+        # No format badge: the format is a table's setting (each materialization names it).
         description="One shard of a URL table: images downloaded, resized and written with their metadata.",
     )
     def shards(
@@ -134,6 +134,7 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "images_per_second": dg.MetadataValue.float(round(result.images_per_second, 1)),
         "duration_seconds": dg.MetadataValue.float(round(s.duration, 2)),
         "output": dg.MetadataValue.path(f"{result.output_folder}/{result.name}"),
+        "output_format": dg.MetadataValue.text(result.output_format),
         # What download() and new_shards_sensor compare with the table's staging (built_from_staging).
         **({INPUT_FINGERPRINT: dg.MetadataValue.text(fingerprint)} if fingerprint else {}),
     }

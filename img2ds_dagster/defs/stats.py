@@ -5,8 +5,8 @@
 
 import dagster as dg
 
-from ..engine.stats import DatasetStats, aggregate, read_stats_files
-from ..engine.storage import join, write_json_atomic
+from ..engine.stats import DatasetStats, aggregate, read_stats_files, stats_path
+from ..engine.storage import write_json_atomic
 from .resources import StorageResource
 from .shards import shards
 
@@ -18,7 +18,7 @@ def collect_stats(storage: StorageResource) -> DatasetStats:
     for table in staging.tables():
         manifest = staging.manifest(table)
         paths[table] = [
-            join(manifest.output_folder, f"{manifest.shard_name(i)}_stats.json") for i in manifest.shard_ids
+            stats_path(manifest.output_folder, manifest.shard_name(i)) for i in manifest.shard_ids
         ]
     return aggregate(read_stats_files(paths))
 

@@ -10,7 +10,7 @@ from ..config import UrlTableConfig
 from ..engine.sources import TableManifest
 from ..engine.storage import absolute
 from ..errors import StagingMissingError
-from .partitions import SHARDS, chunked, shard_key, url_tables_partitions
+from .partitions import SHARDS, chunked, shard_keys, url_tables_partitions
 from .resources import StorageResource
 
 
@@ -58,7 +58,3 @@ def url_tables(
             "settings": dg.MetadataValue.json(manifest.settings.flat()),
         }
     )
-
-
-def shard_keys(manifest: TableManifest) -> list[str]:
-    return [shard_key(manifest.table, manifest.shard_name(i)) for i in manifest.shard_ids]

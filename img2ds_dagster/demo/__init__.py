@@ -15,8 +15,8 @@ from typing import Any
 
 import dagster as dg
 
+from ..defs.partitions import shard_keys
 from ..defs.stats import collect_stats
-from ..defs.url_tables import shard_keys
 from ..runner import AssetRunner
 
 SAMPLES = Path(__file__).resolve().parent / "samples"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +25,6 @@ import numpy.typing as npt
 from . import jpeg, png
 from .probe import ImageHeader, probe
 from .settings import ImageSettings
-
-# exifread logs a warning for every file without EXIF; img2dataset silences it the same way.
-logging.getLogger("exifread").setLevel(logging.CRITICAL)
 
 Image = npt.NDArray[Any]  # 8-bit gray (h, w) or BGR (h, w, 3) once decoded
 
@@ -76,12 +72,6 @@ class Geometry:
     pad: tuple[int, int, int, int] | None  # top, bottom, left, right
     crop: tuple[int, int, int] | None  # x, y, side
     resizes: bool = True  # False when img2dataset skips its resize step (an unchanged size still counts)
-
-    @property
-    def output_size(self) -> tuple[int, int] | None:
-        if self.crop is not None:
-            return self.crop[2], self.crop[2]
-        return self.size
 
 
 def plan(width: int, height: int, s: ImageSettings) -> Geometry:
@@ -212,9 +202,9 @@ class ImageProcessor:
         s = self.settings
         if min(width, height) < s.min_image_size:
             raise ImageError("image too small")
-        if width * height > s.max_image_area:
+        if s.max_image_area is not None and width * height > s.max_image_area:
             raise ImageError("image area too large")
-        if max(width, height) / min(width, height) > s.max_aspect_ratio:
+        if s.max_aspect_ratio is not None and max(width, height) / min(width, height) > s.max_aspect_ratio:
             raise ImageError("aspect ratio too large")
 
     def _decode(self, raw: bytes, header: ImageHeader, geometry: Geometry) -> tuple[Image, bool, int]:
@@ -240,9 +230,9 @@ class ImageProcessor:
         return img, False, factor
 
     def _decode_png(self, raw: bytes) -> tuple[Image, bool]:
-        # imagecodecs' libpng build decodes 25-35% faster than OpenCV's and releases the GIL; the
-        # pixels are identical (checked on the benchmark corpus). It gives RGB(A) order. The image
-        # data is inflated by libdeflate first (see png.py), another 40% off.
+        # imagecodecs' libpng build decodes faster than OpenCV's and releases the GIL; the pixels are
+        # identical (checked on the benchmark corpus). It gives RGB(A) order. The image data is
+        # inflated by libdeflate first (see png.py), faster than zlib (README, "Speed").
         try:
             img = imagecodecs.png_decode(png.restored(raw) or raw)
         except (imagecodecs.PngError, ValueError, RuntimeError):
@@ -285,15 +275,14 @@ def _resize(img: Image, geometry: Geometry, original: tuple[int, int], scale: in
 
     With ``reduce`` (``reduced_jpeg_decode``), a downscale of 2x or more is done in two steps. First
     an exact average of k x k blocks, for the largest whole k that leaves at least the target size:
-    OpenCV's area resize has a fast path for whole factors (0.25 against 2.6 ms for non-whole ones
-    on a 1024x768 photo). libjpeg's DCT scaling did that step already for a reduced JPEG. What is
-    left is under 2x, where bilinear interpolation barely aliases and costs a seventh of an area
-    resize by a non-whole factor. Both steps keep the exact scale of the original to the target: a
-    reduced image's rounded-up size (a 1001-pixel side at 1/4 is 251 pixels, not 250.25) would
-    otherwise stretch the picture by up to a pixel across the output. On the jpeg-heavy benchmark
-    corpus, median PSNR against a full-size decode and area resize is 43.9 dB for reduced JPEGs
-    (37.6 with a resize to the rounded size) and 43.5 dB for PNGs, whose resize drops from 4.1 to
-    1.5 ms. Without ``reduce``, the whole image is resized in one step as img2dataset does.
+    OpenCV's area resize has a fast path for whole factors, several times faster than for fractional
+    ones. libjpeg's DCT scaling did that step already for a reduced JPEG. What is left is under 2x,
+    where bilinear interpolation barely aliases and costs a fraction of an area resize by a
+    fractional factor. Both steps keep the exact scale of the original to the target: a reduced
+    image's rounded-up size (a 1001-pixel side at 1/4 is 251 pixels, not 250.25) would otherwise
+    stretch the picture by up to a pixel across the output. The README ("Speed") has the costs and
+    the PSNR against a full-size decode and area resize. Without ``reduce``, the whole image is
+    resized in one step as img2dataset does.
     """
     assert geometry.size is not None
     width, height = geometry.size

@@ -66,7 +66,7 @@ def eob_runs(blocks: int) -> bytes:
     return (bits.to_bytes((nbits + pad) // 8, "big")).replace(b"\xff", b"\xff\x00")
 
 
-def dc_only(raw: bytes) -> bytes | None:
+def dc_only(raw: bytes) -> bytes | None:  # noqa: PLR0912 - a branch per marker or malformed case
     """``raw`` without the AC scans of its full-resolution components, or None to decode it as it is.
 
     Only for a decode at 1/8 scale: at any other scale the AC coefficients are needed."""

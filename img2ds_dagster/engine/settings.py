@@ -10,14 +10,22 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Literal, get_args
 
 from ..errors import ConfigError
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
-INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4")
-ENCODE_FORMATS = ("jpg", "png", "webp")
-HASH_TYPES = ("md5", "sha256", "sha512")
+# The allowed values of each option with a fixed set: the engine's checks, the Dagster config (an
+# enum in the launchpad), the command line and mypy all read these.
+ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
+EncodeFormat = Literal["jpg", "png", "webp"]
+OutputFormat = Literal["files", "webdataset", "parquet", "tfrecord", "dummy"]
+HashType = Literal["md5", "sha256", "sha512"]
+RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
+INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
+ENCODE_FORMATS: tuple[EncodeFormat, ...] = get_args(EncodeFormat)
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
+HASH_TYPES: tuple[HashType, ...] = get_args(HashType)
 DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 # Column names img2dataset reserves for its own metadata.
@@ -45,7 +53,7 @@ class SourceSettings:
     bbox_col: str | None = None
     # verify_hash=[column, hash type]: the column is read under the hash type's name.
     verify_hash_col: str | None = None
-    verify_hash_type: str | None = None
+    verify_hash_type: HashType | None = None
 
     def __post_init__(self) -> None:
         _require(self.number_sample_per_shard >= 1, "number_sample_per_shard", "must be at least 1")
@@ -126,15 +134,15 @@ class ImageSettings:
     """How a downloaded image is checked, resized and re-encoded."""
 
     image_size: int = 256
-    resize_mode: str = "border"
+    resize_mode: ResizeMode = "border"
     resize_only_if_bigger: bool = False
-    upscale_interpolation: str = "lanczos"
-    downscale_interpolation: str = "area"
+    upscale_interpolation: Interpolation = "lanczos"
+    downscale_interpolation: Interpolation = "area"
     encode_quality: int = 95
-    encode_format: str = "jpg"
+    encode_format: EncodeFormat = "jpg"
     min_image_size: int = 0
-    max_image_area: float = math.inf
-    max_aspect_ratio: float = math.inf
+    max_image_area: float | None = None  # None: no limit
+    max_aspect_ratio: float | None = None  # None: no limit
     # Refuse to decode images whose header claims more pixels than this (PIL's warning threshold).
     max_decoded_pixels: int = 89_478_485
     # Decode large JPEGs at 1/2, 1/4 or 1/8 scale, and average other large images down by a whole
@@ -163,8 +171,12 @@ class ImageSettings:
         else:
             _require(self.encode_quality >= 0, "encode_quality", "must be 0 or more")
         _require(self.min_image_size >= 0, "min_image_size", "must be 0 or more")
-        _require(self.max_image_area > 0, "max_image_area", "must be positive")
-        _require(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be 1 or more")
+        _require(self.max_image_area is None or self.max_image_area > 0, "max_image_area", "must be positive")
+        _require(
+            self.max_aspect_ratio is None or self.max_aspect_ratio >= 1,
+            "max_aspect_ratio",
+            "must be 1 or more",
+        )
         _require(self.max_decoded_pixels > 0, "max_decoded_pixels", "must be positive")
 
 
@@ -172,15 +184,15 @@ class ImageSettings:
 class OutputSettings:
     """What is written for each shard."""
 
-    output_format: str = "files"
+    output_format: OutputFormat = "files"
     oom_shard_count: int = 5
     extract_exif: bool = True
-    compute_hash: str | None = "sha256"
-
-    FORMATS: ClassVar[tuple[str, ...]] = ("files", "webdataset", "parquet", "tfrecord", "dummy")
+    compute_hash: HashType | None = "sha256"
 
     def __post_init__(self) -> None:
-        _require(self.output_format in self.FORMATS, "output_format", f"must be one of {list(self.FORMATS)}")
+        _require(
+            self.output_format in OUTPUT_FORMATS, "output_format", f"must be one of {list(OUTPUT_FORMATS)}"
+        )
         _require(1 <= self.oom_shard_count <= 12, "oom_shard_count", "must be between 1 and 12")
         _require(
             self.compute_hash is None or self.compute_hash in HASH_TYPES,
@@ -227,9 +239,12 @@ class DownloadSettings:
         return cls(**{stage: _STAGES[stage](**grouped[stage]) for stage in _STAGES})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain JSON-able dict; infinities become the string "inf" (JSON has no infinity)."""
+        """Plain JSON-able dict (tuples become lists)."""
         return {
-            stage: {k: _to_json(v) for k, v in dataclasses.asdict(getattr(self, stage)).items()}
+            stage: {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(getattr(self, stage)).items()
+            }
             for stage in _STAGES
         }
 
@@ -253,19 +268,12 @@ class DownloadSettings:
 
 
 def _normalise(value: Any) -> Any:
-    # JSON and Dagster config carry lists and "inf" strings; the dataclasses hold tuples and floats.
+    # JSON and Dagster config carry lists; the dataclasses hold tuples.
     if isinstance(value, list):
         return tuple(value)
+    # "No limit" is None in every layer; tables staged by img2ds_dagster 0.1 saved it as "inf".
     if value == "inf":
-        return math.inf
-    return value
-
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, tuple):
-        return list(value)
+        return None
     return value
 
 

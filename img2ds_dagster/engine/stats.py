@@ -14,7 +14,12 @@ from typing import Any
 import fsspec
 import polars as pl
 
-STATUSES = ("success", "failed_to_download", "failed_to_resize")
+STATS_SUFFIX = "_stats.json"
+
+
+def stats_path(folder: str, shard_name: str) -> str:
+    """Where a shard's stats file is: ``<folder>/<shard name>_stats.json``, as img2dataset names it."""
+    return f"{folder.rstrip('/')}/{shard_name}{STATS_SUFFIX}"
 
 
 @dataclass(slots=True)
@@ -123,7 +128,7 @@ def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
             records.append(
                 {
                     "table": table,
-                    "shard": str(path).rsplit("/", 1)[-1].removesuffix("_stats.json"),
+                    "shard": str(path).rsplit("/", 1)[-1].removesuffix(STATS_SUFFIX),
                     **{k: data[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
                     "start_time": float(data["start_time"]),
                     "end_time": float(data["end_time"]),

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .settings import OutputSettings
-from .storage import AtomicFile, AtomicFolder, atomic_open, join
+from .storage import AtomicFile, atomic_file, atomic_folder, join
 from .tfrecord import BytesList, Feature, TFRecordStream, encode_example, to_features
 
 TAR_MTIME = 0  # reproducible tars; webdataset's TarWriter stamps the current time
@@ -69,10 +69,6 @@ class ShardTarget:
     @property
     def parquet_path(self) -> str:
         return join(self.folder, f"{self.name}.parquet")
-
-    @property
-    def stats_path(self) -> str:
-        return join(self.folder, f"{self.name}_stats.json")
 
 
 class ShardWriter(Protocol):
@@ -156,7 +152,8 @@ class UstarStream:
 
 
 class MetadataTable:
-    """The shard's metadata parquet, written in one go on ``commit()`` (a shard's rows are small)."""
+    """The shard's metadata parquet, written in one go when the shard is complete (a shard's rows are
+    small)."""
 
     def __init__(self, target: ShardTarget, extra: pa.Schema | None = None) -> None:
         self.target = target
@@ -166,12 +163,35 @@ class MetadataTable:
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
 
-    def commit(self) -> int:
+    def written(self) -> tuple[AtomicFile, int]:
+        """The parquet, written but not yet in place (the caller commits it), and its size."""
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        with atomic_open(self.target.parquet_path, self.target.spool_dir) as raw:
-            f = _CountingFile(raw)
+        pending = atomic_file(self.target.parquet_path, self.target.spool_dir)
+        try:
+            f = _CountingFile(pending.file)
             pq.write_table(table, f)
-        return f.size
+        except BaseException:
+            pending.abort()
+            raise
+        return pending, f.size
+
+
+class _Committable(Protocol):
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def commit_in_order(*parts: _Committable) -> None:
+    """Commit each part in turn; if one fails, the ones after it are aborted. The parts are written
+    in full before this is called, so what can fail here is only the renames or uploads."""
+    for index, part in enumerate(parts):
+        try:
+            part.commit()
+        except BaseException:
+            for later in parts[index + 1 :]:
+                later.abort()
+            raise
 
 
 class _OneFileWriter:
@@ -183,7 +203,7 @@ class _OneFileWriter:
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self._file = AtomicFile(join(target.folder, f"{target.name}.{self.suffix}"), target.spool_dir)
+        self._file = atomic_file(join(target.folder, f"{target.name}.{self.suffix}"), target.spool_dir)
 
     def write(self, sample: Sample) -> None:
         self.metadata.add(sample.meta)
@@ -199,8 +219,9 @@ class _OneFileWriter:
 
     def commit(self) -> int:
         size = self._finish()
-        self._file.commit()
-        return size + self.metadata.commit()
+        parquet, parquet_size = self.metadata.written()
+        commit_in_order(self._file, parquet)
+        return size + parquet_size
 
     def abort(self) -> None:
         self._file.abort()
@@ -233,7 +254,7 @@ class FilesWriter:
     def __init__(self, target: ShardTarget) -> None:
         self.target = target
         self.metadata = MetadataTable(target)
-        self.folder = AtomicFolder(join(target.folder, target.name))
+        self.folder = atomic_folder(join(target.folder, target.name))
         self._size = 0
 
     def write(self, sample: Sample) -> None:
@@ -250,8 +271,9 @@ class FilesWriter:
         self._size += len(data)
 
     def commit(self) -> int:
-        self.folder.commit()
-        return self._size + self.metadata.commit()
+        parquet, parquet_size = self.metadata.written()
+        commit_in_order(self.folder, parquet)
+        return self._size + parquet_size
 
     def abort(self) -> None:
         self.folder.abort()
@@ -268,7 +290,9 @@ class ParquetWriter:
         self.metadata.add({**sample.meta, self._column: sample.image})
 
     def commit(self) -> int:
-        return self.metadata.commit()
+        parquet, size = self.metadata.written()
+        parquet.commit()
+        return size
 
     def abort(self) -> None:
         pass

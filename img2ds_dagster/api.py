@@ -109,6 +109,9 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     user_agent_token: str | None = _D.user_agent_token,
     disallowed_header_directives: list[str] | None = None,
     ignore_ssl_certificate: bool = _D.ignore_ssl_certificate,
+    proxy: str | None = _D.proxy,
+    allowed_networks: list[str] | None = None,
+    blocked_networks: list[str] | None = None,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
@@ -219,14 +222,16 @@ def table_config(arguments: Mapping[str, Any]) -> DownloadConfig:
     checked (ConfigError naming the option) before anything is written.
 
     img2dataset spells two things its own way, converted here, once: "no limit" is ``inf`` there and
-    None in the config, and ``disallowed_header_directives=None`` means the default list.
+    None in the config, and a list option given as None (``disallowed_header_directives``) means
+    its default list.
     """
     given = {name: arguments[name] for name in DownloadConfig.model_fields if name in arguments}
     for name in ("max_image_area", "max_aspect_ratio"):
         if math.isinf(given[name]):
             given[name] = None
-    if given["disallowed_header_directives"] is None:
-        del given["disallowed_header_directives"]
+    for name in ("disallowed_header_directives", "allowed_networks", "blocked_networks"):
+        if given[name] is None:  # the default list
+            del given[name]
     try:
         config = DownloadConfig(**given)
     except pydantic.ValidationError as err:

@@ -127,6 +127,18 @@ class DownloadConfig(dg.Config):
     ignore_ssl_certificate: bool = Field(
         default=_FETCH.ignore_ssl_certificate, description="Accept any certificate on https URLs."
     )
+    proxy: str | None = Field(
+        default=_FETCH.proxy,
+        description="http://host:port of a proxy for every download; default: HTTP(S)_PROXY and NO_PROXY.",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=lambda: list(_FETCH.allowed_networks),
+        description="Networks the address guard lets through whatever the rule, e.g. ['10.0.0.0/8'].",
+    )
+    blocked_networks: list[str] = Field(
+        default_factory=lambda: list(_FETCH.blocked_networks),
+        description="Networks the address guard refuses as well (this wins over allowed_networks).",
+    )
 
     def to_settings(self) -> DownloadSettings:
         """The engine's settings; raises ConfigError naming the option when a value cannot work."""

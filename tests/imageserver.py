@@ -39,6 +39,12 @@ unique without changing the response.
 ``/chunked/<rest>``               ``/<rest>``'s body in 1000-byte chunks (with an extension and a
                                   trailer), ``Transfer-Encoding: chunked``
 ``/until-close/<rest>``           ``/<rest>``'s body with no length: it ends when the server closes
+``/gzip/<rest>``                  ``/<rest>``'s body gzip-compressed, ``Content-Encoding: gzip``,
+                                  sent whatever the request's Accept-Encoding (``?deflate=1``: zlib)
+``/gzip-bomb/<MiB>``              that many MiB of zeros, gzip-compressed (about 1 KiB per MiB)
+``/retry-after/<k>/<v>/<rest>``   429 with ``Retry-After: <v>`` (percent-decoded: seconds or an
+                                  HTTP date) for the first k requests to that exact URL, then
+                                  ``/<rest>``; ``?status=503`` for 503
 ================================  ===============================================================
 
 ``hits`` counts requests keyed by the request target exactly as sent (path plus query, the same
@@ -48,12 +54,15 @@ string passed to :meth:`ImageServer.url`); redirect hops count under their own p
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import http.server
 import re
 import socket
 import struct
 import sys
 import threading
+import zlib
 from collections import Counter
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +102,9 @@ _GEN_RE = re.compile(r"^/gen/(\d+)x(\d+)\.(jpg|jpeg|png|webp)$")
 _REDIRECT_RE = re.compile(r"^/redirect(-relative)?/(\d+)(/.*)$")
 _FLAKY_RE = re.compile(r"^/flaky/(\d+)(/.*)$")
 _REFRAMED_RE = re.compile(r"^/(chunked|until-close)(/.*)$")
+_GZIP_RE = re.compile(r"^/gzip(/.*)$")
+_GZIP_BOMB_RE = re.compile(r"^/gzip-bomb/(\d+)$")
+_RETRY_AFTER_RE = re.compile(r"^/retry-after/(\d+)/([^/]+)(/.*)$")
 _STATUS_RE = re.compile(r"^/status/(\d{3})$")
 _ROBOTS_RE = re.compile(r"^/robots/(.+)\.jpg$")
 
@@ -223,6 +235,10 @@ class _Assets:
         with self._lock:
             self._gen_cache[key] = blob
         return blob
+
+    @functools.cache  # noqa: B019 - one server per session, a handful of sizes
+    def gzip_zeros(self, mib: int) -> bytes:
+        return gzip.compress(bytes(mib << 20), compresslevel=9, mtime=0)
 
     @property
     def bomb(self) -> bytes:
@@ -501,6 +517,32 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(body)
             return
 
+        if m := _GZIP_RE.match(path):
+            body = self._body_of(m[1])
+            packed = zlib.compress(body) if flag("deflate") else gzip.compress(body, mtime=0)
+            encoding = "deflate" if flag("deflate") else "gzip"
+            self._send(200, packed, "image/jpeg", head, [("Content-Encoding", encoding)])
+            return
+
+        if m := _GZIP_BOMB_RE.match(path):
+            self._send(
+                200,
+                self.server.owner.assets.gzip_zeros(int(m[1])),
+                "image/jpeg",
+                head,
+                [("Content-Encoding", "gzip")],
+            )
+            return
+
+        if m := _RETRY_AFTER_RE.match(path):
+            failures, value, rest = int(m[1]), unquote(m[2]), m[3]
+            if self.server.owner.count_flaky(self.path) <= failures:
+                status = int(params.get("status", ["429"])[-1])
+                self._send(status, b"slow down\n", "text/plain", head, [("Retry-After", value)])
+            else:
+                self._route(rest, query, head)
+            return
+
         if path == "/close-early.jpg":
             photo = assets.photo_jpeg
             self.close_connection = True  # the socket is closed after the half body
@@ -558,7 +600,7 @@ class ImageServer:
         return self.base_url + path
 
     def count_flaky(self, target: str) -> int:
-        """Count one more request to a ``/flaky/`` target and return the running total."""
+        """Count one more request to a ``/flaky/`` or ``/retry-after/`` target; the running total."""
         with self._flaky_lock:
             self._flaky[target] += 1
             return self._flaky[target]

@@ -9,13 +9,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from email.message import Message
 from urllib.parse import quote
 
 import cv2
 import numpy as np
 import pytest
 from imageserver import ImageServer
+from multidict import CIMultiDict
 
 from img2ds_dagster.engine.fetch import Fetcher, is_disallowed
 from img2ds_dagster.engine.settings import FetchSettings
@@ -104,7 +104,7 @@ def test_only_http_and_https_urls_are_fetched(url: str, message: str) -> None:
 
 def test_refused_connection_is_an_error() -> None:
     # Port 1 on loopback: nothing listens there.
-    assert fetch("http://127.0.0.1:1/a.jpg") == (None, "connection refused")
+    assert fetch("http://127.0.0.1:1/a.jpg") == (None, "connection refused (tried 127.0.0.1 port 1)")
 
 
 @pytest.mark.parametrize(
@@ -136,9 +136,7 @@ def test_opt_outs_can_be_ignored(server: ImageServer) -> None:
 
 
 def test_x_robots_tag_rule_matches_img2dataset() -> None:
-    headers = Message()
-    headers["X-Robots-Tag"] = "img2dataset: noai"
-    headers["X-Robots-Tag"] = "index"
+    headers = CIMultiDict([("X-Robots-Tag", "img2dataset: noai"), ("x-robots-tag", "index")])
     directives = frozenset({"noai"})
     assert is_disallowed(headers, "img2dataset", directives)
     assert not is_disallowed(headers, "otherbot", directives)

@@ -58,12 +58,15 @@ IMG2DATASET_DEFAULTS = {
 
 # Options of later img2dataset releases, accepted after 1.47's (so positional calls still line up).
 LATER_OPTIONS = {"ignore_ssl_certificate": False}
+# Options of img2ds_dagster's own, after img2dataset's.
+OWN_OPTIONS = {"proxy": None, "allowed_networks": None, "blocked_networks": None}
 
 
 def test_download_has_img2datasets_signature() -> None:
     params = inspect.signature(download).parameters
-    assert list(params) == [*IMG2DATASET_DEFAULTS, *LATER_OPTIONS]
-    assert {name: p.default for name, p in params.items()} == {**IMG2DATASET_DEFAULTS, **LATER_OPTIONS}
+    assert list(params) == [*IMG2DATASET_DEFAULTS, *LATER_OPTIONS, *OWN_OPTIONS]
+    expected = {**IMG2DATASET_DEFAULTS, **LATER_OPTIONS, **OWN_OPTIONS}
+    assert {name: p.default for name, p in params.items()} == expected
 
 
 def test_dagster_config_defaults_are_the_engines() -> None:

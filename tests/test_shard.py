@@ -40,6 +40,16 @@ def stage(tmp_path: Path, urls: list[str], name: str = "t", **flags: object) -> 
     return staging, staging.stage(name, str(path), settings, str(tmp_path / "out" / name))
 
 
+def test_the_waits_before_retries_are_in_the_stats(server: ImageServer, tmp_path: Path) -> None:
+    urls = [server.url(f"/retry-after/1/1/gen/16x16.jpg?stats={i}") for i in range(2)]
+    urls.append(server.url("/retry-after/1/600/gen/16x16.jpg?stats=long"))  # too long: not waited for
+    staging, _ = stage(tmp_path, urls, retries=1)
+    result = build_shard(staging, ShardJob("t", 0), WORKERS)
+    stats = json.loads((tmp_path / "out" / "t" / "00000_stats.json").read_text())
+    assert (stats["successes"], stats["retry_waits"], stats["retry_wait_seconds"]) == (2, 2, 2.0)
+    assert result.stats.retry_waits == 2
+
+
 def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: Path) -> None:
     paths = [*GOOD_IMAGES, *BAD_IMAGES, "/slow.jpg"]
     urls = [server.url(p) for p in paths] + ["", "ftp://127.0.0.1/a.jpg"]
@@ -73,6 +83,7 @@ def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: P
     assert list(stats) == [
         *("count", "successes", "failed_to_download", "failed_to_resize"),
         *("duration", "start_time", "end_time", "status_dict"),
+        *("retry_waits", "retry_wait_seconds"),  # ours, after img2dataset's keys
     ]
     assert (stats["count"], stats["successes"]) == (len(urls), len(GOOD_IMAGES))
     assert stats["status_dict"]["success"] == len(GOOD_IMAGES)

@@ -53,6 +53,8 @@ class Outcome:
     original_height: int | None = None
     exif: str | None = None
     hash: str | None = None
+    waits: int = 0  # waits before retrying its download (Retry-After or backoff)
+    waited: float = 0.0  # seconds
 
 
 class SampleWorker:
@@ -78,9 +80,11 @@ class SampleWorker:
             return Outcome("failed_to_download", "empty URL")
         fetched = await self.fetcher.fetch_async(task.url)
         if fetched.data is None:
-            return Outcome("failed_to_download", fetched.error)
+            return Outcome("failed_to_download", fetched.error, waits=fetched.waits, waited=fetched.waited)
         raw = fetched.data
-        return await asyncio.wrap_future(self.cpu.submit(lambda: self.process(raw, task), self.lane))
+        outcome = await asyncio.wrap_future(self.cpu.submit(lambda: self.process(raw, task), self.lane))
+        outcome.waits, outcome.waited = fetched.waits, fetched.waited
+        return outcome
 
     def process(self, raw: bytes, task: SampleTask) -> Outcome:
         """Downloaded bytes to an outcome; runs on a CPU thread."""

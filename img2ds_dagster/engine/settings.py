@@ -7,6 +7,7 @@ shard of a table (and every retry or backfill of it) is built with the same sett
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -121,9 +122,25 @@ class FetchSettings:
     max_download_bytes: int = 64 * 1024 * 1024
     max_redirects: int = 10
     ignore_ssl_certificate: bool = False  # accept any certificate on https URLs
+    # Every download through this proxy (http://host:port); None: HTTP(S)_PROXY and NO_PROXY, if set.
+    proxy: str | None = None
+    # The address guard (guard.py): networks exempt from it, and networks refused as well.
+    allowed_networks: tuple[str, ...] = ()
+    blocked_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.timeout > 0, "timeout", "must be a positive number of seconds")
+        _require(
+            self.proxy is None or self.proxy.startswith("http://"),
+            "proxy",
+            f"{self.proxy!r} is not an http:// URL (https:// proxies are not supported)",
+        )
+        for option in ("allowed_networks", "blocked_networks"):
+            for value in getattr(self, option):
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError as err:
+                    raise ConfigError(f"{option}: {err}") from None
         _require(self.retries >= 0, "retries", "must be 0 or more")
         _require(self.max_download_bytes > 0, "max_download_bytes", "must be positive")
         _require(self.max_redirects >= 0, "max_redirects", "must be 0 or more")

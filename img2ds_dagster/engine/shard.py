@@ -117,7 +117,7 @@ def build_shard(
         worker = SampleWorker(settings, fetcher, spool, cpu, cpu.lane() if lane is None else lane)
         outcomes = fetcher.run(_download(worker, sample_tasks(rows, settings), workers.thread_count))
         for outcome in outcomes:
-            stats.add(outcome.status, outcome.error)
+            stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited)
         samples = _samples(shard_id, rows, outcomes, spool, settings)
         bytes_written = _write(target, settings.output.output_format, samples, stats)
     log.info(

@@ -15,6 +15,8 @@ import fsspec
 import polars as pl
 
 STATS_SUFFIX = "_stats.json"
+# Counts summed over shards; the last ones are not in img2dataset's stats files (0 when absent).
+COUNTS = ("count", "successes", "failed_to_download", "failed_to_resize", "retry_waits")
 
 
 def stats_path(folder: str, shard_name: str) -> str:
@@ -33,9 +35,14 @@ class ShardStats:
     start_time: float = 0.0
     end_time: float = 0.0
     status_dict: Counter[str] = field(default_factory=Counter)
+    # Not in img2dataset's file: the waits before retries (Retry-After, backoff), count and seconds.
+    retry_waits: int = 0
+    retry_wait_seconds: float = 0.0
 
-    def add(self, status: str, error: str | None) -> None:
+    def add(self, status: str, error: str | None, waits: int = 0, waited: float = 0.0) -> None:
         self.count += 1
+        self.retry_waits += waits
+        self.retry_wait_seconds += waited
         if status == "success":
             self.successes += 1
             self.status_dict["success"] += 1
@@ -63,6 +70,8 @@ class ShardStats:
             "start_time": self.start_time,
             "end_time": self.end_time,
             "status_dict": dict(self.status_dict),
+            "retry_waits": self.retry_waits,
+            "retry_wait_seconds": round(self.retry_wait_seconds, 3),
         }
 
 
@@ -77,10 +86,8 @@ class DatasetStats:
     def totals(self) -> dict[str, Any]:
         t = self.per_table
         if t.is_empty():
-            return {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-        sums = t.select(
-            pl.col("shards", "count", "successes", "failed_to_download", "failed_to_resize").sum()
-        )
+            return {"shards": 0, **dict.fromkeys(COUNTS, 0), "retry_wait_seconds": 0.0}
+        sums = t.select(pl.col("shards", *COUNTS, "retry_wait_seconds").sum())
         out: dict[str, Any] = sums.row(0, named=True)
         out["success_rate"] = out["successes"] / out["count"] if out["count"] else 0.0
         out["download_seconds"] = float(t["download_seconds"].sum())
@@ -129,7 +136,8 @@ def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
                 {
                     "table": table,
                     "shard": str(path).rsplit("/", 1)[-1].removesuffix(STATS_SUFFIX),
-                    **{k: data[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
+                    **{k: data.get(k, 0) for k in COUNTS},
+                    "retry_wait_seconds": float(data.get("retry_wait_seconds", 0.0)),
                     "start_time": float(data["start_time"]),
                     "end_time": float(data["end_time"]),
                     "status_dict": json.dumps(data.get("status_dict", {})),
@@ -138,10 +146,8 @@ def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
     schema = {
         "table": pl.String,
         "shard": pl.String,
-        "count": pl.Int64,
-        "successes": pl.Int64,
-        "failed_to_download": pl.Int64,
-        "failed_to_resize": pl.Int64,
+        **dict.fromkeys(COUNTS, pl.Int64),
+        "retry_wait_seconds": pl.Float64,
         "start_time": pl.Float64,
         "end_time": pl.Float64,
         "status_dict": pl.String,
@@ -155,7 +161,7 @@ def aggregate(shards: pl.DataFrame) -> DatasetStats:
         shards.group_by("table")
         .agg(
             pl.len().alias("shards"),
-            pl.col("count", "successes", "failed_to_download", "failed_to_resize").sum(),
+            pl.col(*COUNTS, "retry_wait_seconds").sum(),
             (pl.col("end_time") - pl.col("start_time")).sum().alias("download_seconds"),
             (pl.col("end_time").max() - pl.col("start_time").min()).alias("wall_seconds"),
         )

@@ -40,13 +40,16 @@ def connects() -> Iterator[list[str]]:
     found.extend(str(address[0]) for address in _CONNECTS[start:] if isinstance(address, tuple))
 
 
-def names(mapping: dict[str, Sequence[str]]) -> Any:
+def names(mapping: dict[str, Sequence[str]], others: bool = True) -> Any:
     """A lookup that gives these names these addresses (in this order), and asks the system for the
-    rest: the test's own DNS, with nothing of the machine's edited."""
+    rest (numeric forms, localhost), or with ``others=False`` knows no other name, so that no DNS
+    query is ever sent: the test's own DNS, with nothing of the machine's edited."""
 
     async def lookup(host: str, port: int) -> Addresses:
         if host in mapping:
             return [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in mapping[host]]
+        if not others:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return await system_lookup(host, port)
 
     return lookup

@@ -21,6 +21,7 @@ import contextlib
 import email.utils
 import random
 import re
+import socket
 import ssl
 import threading
 import time
@@ -251,6 +252,8 @@ class Fetcher:
             raise FetchError("timed out", transient=True) from None
         except GuardRefusal as err:
             raise FetchError(str(err)) from None
+        except socket.gaierror as err:  # the guard's own lookup, before the request
+            raise _dns_error(err) from None
         except aiohttp.ClientError as err:
             raise _as_fetch_error(err) from None
 
@@ -358,15 +361,15 @@ def _tried(err: OSError | None) -> str:
     return f" (tried {', '.join(tried)})" if tried else ""
 
 
+def _dns_error(err: OSError) -> FetchError:
+    # EAI_AGAIN is a temporary failure in name resolution: worth a retry; "no such name" is not.
+    return FetchError(f"cannot resolve host: {err.strerror or err}", transient=err.errno == socket.EAI_AGAIN)
+
+
 def _as_fetch_error(err: aiohttp.ClientError) -> FetchError:
     """aiohttp's errors in the words the metadata uses (img2dataset's where it has them)."""
     if isinstance(err, aiohttp.ClientConnectorDNSError):
-        os_error = err.os_error
-        errno = getattr(os_error, "errno", None)
-        return FetchError(
-            f"cannot resolve host: {getattr(os_error, 'strerror', None) or os_error}",
-            transient=errno == -3,  # EAI_AGAIN: a temporary failure in name resolution
-        )
+        return _dns_error(err.os_error)
     if isinstance(err, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
         return FetchError(f"SSL error: {err}")
     if isinstance(err, aiohttp.ClientProxyConnectionError):

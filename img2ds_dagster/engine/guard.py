@@ -21,7 +21,7 @@ import contextvars
 import ipaddress
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -158,10 +158,22 @@ async def system_lookup(host: str, port: int) -> Addresses:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    """A host's addresses judged for one kind of hop."""
+
+    kept: Addresses  # the allowed ones, in getaddrinfo's order
+    refused: list[str]  # "<address>, <rule>" for the others
+    public: bool  # whether any kept address is public
+
+
 class GuardedResolver(AbstractResolver):
     """aiohttp's resolver: every address of a host, in getaddrinfo's order (the connector tries them
     all, happy-eyeballs style), but only those the policy allows for the hop under way. A host none
-    of whose addresses is allowed raises GuardRefusal, and nothing is connected."""
+    of whose addresses is allowed raises GuardRefusal, and nothing is connected.
+
+    A host's addresses, and the verdicts on them, are kept for ``ttl`` seconds: checking a host seen
+    before is a dictionary lookup."""
 
     def __init__(
         self,
@@ -176,44 +188,56 @@ class GuardedResolver(AbstractResolver):
         self._exempt = frozenset(h.lower() for h in exempt_hosts)  # the proxies: the user's choice
         self._ttl = ttl
         self._max_entries = max_entries
-        self._cache: dict[tuple[str, int], tuple[float, Addresses]] = {}
+        self._cache: dict[tuple[str, int], tuple[float, Addresses, dict[bool, _Verdict]]] = {}
+        self._names: dict[str, tuple[str | None, IPAddress | None]] = {}  # what the name alone says
 
-    async def addresses(self, host: str, port: int) -> Addresses:
+    async def _entry(self, host: str, port: int) -> tuple[float, Addresses, dict[bool, _Verdict]]:
         now = time.monotonic()
         hit = self._cache.get((host, port))
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found = await self._lookup(host, port)
-        if len(self._cache) >= self._max_entries:
-            self._cache.clear()
-        self._cache[(host, port)] = (now + self._ttl, found)
-        return found
+        if hit is None or hit[0] <= now:
+            found = await self._lookup(host, port)
+            if len(self._cache) >= self._max_entries:
+                self._cache.clear()
+            hit = (now + self._ttl, found, {})
+            self._cache[(host, port)] = hit
+        return hit
+
+    async def _verdict(self, host: str, port: int, private_ok: bool) -> _Verdict:
+        _, found, verdicts = await self._entry(host, port)
+        verdict = verdicts.get(private_ok)
+        if verdict is None:
+            verdict = verdicts[private_ok] = self._judge(found, private_ok)
+        return verdict
+
+    def _judge(self, found: Addresses, private_ok: bool) -> _Verdict:
+        kept: Addresses = []
+        refused = []
+        public = False
+        for fam, address in found:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            rule = self.policy.refusal(ip, private_ok)
+            if rule is None:
+                kept.append((fam, address))
+                public = public or self.policy.is_public(ip)
+            else:
+                refused.append(f"{address}, {rule}")
+        return _Verdict(kept, refused, public)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
     ) -> list[ResolveResult]:
-        found = await self.addresses(host, port)
-        if host.lower() not in self._exempt:
-            found = self.allowed(host, found, private_allowed.get())
+        if host.lower() in self._exempt:  # a proxy: the user's choice, whatever its address
+            kept = (await self._entry(host, port))[1]
+        else:
+            verdict = await self._verdict(host, port, private_allowed.get())
+            if not verdict.kept:
+                raise _refusal(host, verdict)
+            kept = verdict.kept
         return [
             {"hostname": host, "host": address, "port": port, "family": fam, "proto": 0, "flags": 0}
-            for fam, address in found
+            for fam, address in kept
             if family in (socket.AF_UNSPEC, fam)
         ]
-
-    def allowed(self, host: str, found: Sequence[tuple[int, str]], private_ok: bool) -> Addresses:
-        """The allowed ones among ``found``; GuardRefusal when there is none."""
-        keep: Addresses = []
-        refusals = []
-        for fam, address in found:
-            rule = self.policy.refusal(ipaddress.ip_address(address.split("%", 1)[0]), private_ok)
-            if rule is None:
-                keep.append((fam, address))
-            else:
-                refusals.append(f"{address}, {rule}")
-        if not keep:
-            raise GuardRefusal(f"address guard: {host} refused ({'; '.join(refusals) or 'no address'})")
-        return keep
 
     async def check_hop(self, host: str, port: int, private_ok: bool, proxied: bool, strict: bool) -> bool:
         """Check a hop before its request is sent; returns whether it goes to a public address.
@@ -224,10 +248,14 @@ class GuardedResolver(AbstractResolver):
         from an earlier hop to one of them cannot be reused where it is refused. Behind a proxy, the
         proxy resolves names: the names and literals are checked here, the proxy's rules do the rest.
         """
-        rule = name_refusal(host)
+        named = self._names.get(host)
+        if named is None:
+            if len(self._names) >= self._max_entries:
+                self._names.clear()
+            named = self._names[host] = (name_refusal(host), literal(host))
+        rule, address = named
         if rule is not None:
             raise GuardRefusal(f"address guard: {host} refused ({rule})")
-        address = literal(host)
         if address is not None:
             rule = self.policy.refusal(address, private_ok)
             if rule is not None:
@@ -235,11 +263,14 @@ class GuardedResolver(AbstractResolver):
             return self.policy.is_public(address)
         if proxied:
             return True  # unknown: count it as public
-        found = await self.addresses(host, port)
-        keep = self.allowed(host, found, private_ok)
-        if strict and len(keep) < len(found):
-            self.allowed(host, [a for a in found if a not in keep], private_ok)  # raises, naming them
-        return any(self.policy.is_public(ipaddress.ip_address(a.split("%", 1)[0])) for _, a in keep)
+        verdict = await self._verdict(host, port, private_ok)
+        if not verdict.kept or (strict and verdict.refused):
+            raise _refusal(host, verdict)
+        return verdict.public
 
     async def close(self) -> None:
         self._cache.clear()
+
+
+def _refusal(host: str, verdict: _Verdict) -> GuardRefusal:
+    return GuardRefusal(f"address guard: {host} refused ({'; '.join(verdict.refused) or 'no address'})")

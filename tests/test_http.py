@@ -162,3 +162,19 @@ def test_other_transient_failures_back_off_with_jitter(server: ImageServer) -> N
     assert result.waits == 2
     assert 0 <= result.waited <= 1.5
     assert server.hits[path] == 3
+
+
+def test_a_name_that_does_not_exist_is_looked_up_once_not_once_per_url() -> None:
+    asked: list[str] = []
+
+    async def lookup(host: str, port: int) -> list[tuple[int, str]]:
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    fetcher = Fetcher(FetchSettings(timeout=2.0), lookup=lookup)
+    try:
+        errors = [fetcher.fetch(f"http://gone.test/{i}.jpg").error for i in range(5)]
+    finally:
+        fetcher.close()
+    assert errors == ["cannot resolve host: Name or service not known"] * 5
+    assert asked == ["gone.test"]

@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -163,6 +164,10 @@ class Fetcher:
         self._resolver = GuardedResolver(policy, lookup, exempt_hosts=self._proxies.hosts())
         self._random = random.Random()
         self._loop = asyncio.new_event_loop()
+        # getaddrinfo runs in the loop's default executor, which on 2 cores has 6 threads: a few slow
+        # DNS answers would hold every other download's lookup.
+        self._lookups = ThreadPoolExecutor(max_workers=16, thread_name_prefix="img2ds-dns")
+        self._loop.set_default_executor(self._lookups)
         self._thread = threading.Thread(target=self._loop.run_forever, name="img2ds-fetch", daemon=True)
         self._thread.start()
         self._closed = False
@@ -233,6 +238,7 @@ class Fetcher:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self) -> None:
         current = asyncio.current_task()

@@ -190,12 +190,28 @@ class GuardedResolver(AbstractResolver):
         self._max_entries = max_entries
         self._cache: dict[tuple[str, int], tuple[float, Addresses, dict[bool, _Verdict]]] = {}
         self._names: dict[str, tuple[str | None, IPAddress | None]] = {}  # what the name alone says
+        self._unknown: dict[
+            str, tuple[float, tuple[int | None, str | None]]
+        ] = {}  # names DNS said do not exist
+        self._unknown_ttl = min(ttl, 60.0)
 
     async def _entry(self, host: str, port: int) -> tuple[float, Addresses, dict[bool, _Verdict]]:
         now = time.monotonic()
         hit = self._cache.get((host, port))
         if hit is None or hit[0] <= now:
-            found = await self._lookup(host, port)
+            unknown = self._unknown.get(host)
+            if unknown is not None and unknown[0] > now:
+                raise socket.gaierror(*unknown[1])
+            try:
+                found = await self._lookup(host, port)
+            except socket.gaierror as err:
+                # A name that does not exist is asked for once a minute, not once per URL: a dead
+                # domain with thousands of URLs would otherwise hold the lookup threads.
+                if err.errno != socket.EAI_AGAIN:
+                    if len(self._unknown) >= self._max_entries:
+                        self._unknown.clear()
+                    self._unknown[host] = (now + self._unknown_ttl, (err.errno, err.strerror))
+                raise
             if len(self._cache) >= self._max_entries:
                 self._cache.clear()
             hit = (now + self._ttl, found, {})
@@ -270,6 +286,7 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         self._cache.clear()
+        self._unknown.clear()
 
 
 def _refusal(host: str, verdict: _Verdict) -> GuardRefusal:

@@ -56,15 +56,15 @@ def measure(urls: Sequence[str], in_flight: int) -> dict[str, float]:
 
 def guard_cost(calls: int) -> float:
     """Microseconds per ``check_hop`` of a host whose addresses are cached (the common case)."""
-    from img2ds_dagster.engine.guard import AddressPolicy, GuardedResolver
+    from img2ds_dagster.engine.guard import AddressPolicy, GuardedResolver, Hop
 
-    resolver = GuardedResolver(AddressPolicy())
+    resolver, hop = GuardedResolver(), Hop(AddressPolicy())
 
     async def loop() -> float:
-        await resolver.check_hop("localhost", 80, True, False, strict=False)  # fills the cache
+        await resolver.check_hop("localhost", 80, hop, False, False)  # fills the cache
         start = time.perf_counter()
         for _ in range(calls):
-            await resolver.check_hop("localhost", 80, True, False, strict=False)
+            await resolver.check_hop("localhost", 80, hop, False, False)
         return (time.perf_counter() - start) / calls * 1e6
 
     return asyncio.run(loop())

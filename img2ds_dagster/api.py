@@ -27,6 +27,7 @@ from .defs.resources import StorageResource, WorkersResource
 from .defs.stats import collect_stats
 from .engine.runtime import prepare_process
 from .engine.settings import EncodeFormat, Interpolation, OutputFormat, ResizeMode
+from .engine.shard import Workers
 from .engine.sources import TableManifest, list_input_files, table_key
 from .engine.storage import absolute, local_path, remove
 from .errors import ConfigError, ShardError
@@ -68,6 +69,7 @@ _DISTRIBUTION = (
 # The per-table options' defaults, which are the engine's (config.py): the signature below reads them
 # from here, so a default is written once.
 _D = DownloadConfig()
+_W = Workers()
 
 
 def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional calls included
@@ -112,6 +114,15 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     proxy: str | None = _D.proxy,
     allowed_networks: list[str] | None = None,
     blocked_networks: list[str] | None = None,
+    user_agent: str | None = _D.user_agent,
+    user_agent_contact: str | None = _D.user_agent_contact,
+    respect_robots_txt: bool = _D.respect_robots_txt,
+    respect_tdm_reservation: bool = _D.respect_tdm_reservation,
+    respect_content_usage: bool = _D.respect_content_usage,
+    respect_xmp_data_mining: bool = _D.respect_xmp_data_mining,
+    max_connections_per_host: int = _W.max_connections_per_host,
+    min_request_interval: float = _W.min_request_interval,
+    host_failure_limit: int = _W.host_failure_limit,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
@@ -134,7 +145,13 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     # img2dataset builds processes_count shards at once, one per process. Here they are threads of
     # this process (the image work runs outside the GIL, so it already uses every core), and at
     # least 2, so that one shard's slowest downloads never leave the cores idle.
-    workers = WorkersResource(thread_count=thread_count, parallel_shards=max(2, processes_count))
+    workers = WorkersResource(
+        thread_count=thread_count,
+        parallel_shards=max(2, processes_count),
+        max_connections_per_host=max_connections_per_host,
+        min_request_interval=min_request_interval,
+        host_failure_limit=host_failure_limit,
+    )
     with _instance(state) as instance:
         runner = AssetRunner(instance, {"storage": storage, "workers": workers})
         if incremental_mode == "overwrite":
@@ -259,6 +276,11 @@ def _check_run_options(arguments: Mapping[str, Any]) -> None:
         raise ConfigError("max_shard_retry: must be 0 or more")
     if arguments["subjob_size"] < 1:
         raise ConfigError("subjob_size: must be at least 1")
+    Workers(  # its own checks of the politeness options
+        max_connections_per_host=arguments["max_connections_per_host"],
+        min_request_interval=arguments["min_request_interval"],
+        host_failure_limit=arguments["host_failure_limit"],
+    )
 
 
 def _require_one_of(option: str, value: str, allowed: Any) -> None:

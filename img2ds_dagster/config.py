@@ -139,6 +139,29 @@ class DownloadConfig(dg.Config):
         default_factory=lambda: list(_FETCH.blocked_networks),
         description="Networks the address guard refuses as well (this wins over allowed_networks).",
     )
+    user_agent: str | None = Field(
+        default=_FETCH.user_agent,
+        description="The User-Agent whole; default: img2ds_dagster/<version> (...).",
+    )
+    user_agent_contact: str | None = Field(
+        default=_FETCH.user_agent_contact,
+        description="A URL or mailto: in the User-Agent where site owners can reach you.",
+    )
+    respect_robots_txt: bool = Field(
+        default=_FETCH.respect_robots_txt,
+        description="Follow each host's robots.txt, its Crawl-delay and its AI-usage lines.",
+    )
+    respect_tdm_reservation: bool = Field(
+        default=_FETCH.respect_tdm_reservation, description="Refuse images sent with tdm-reservation: 1."
+    )
+    respect_content_usage: bool = Field(
+        default=_FETCH.respect_content_usage,
+        description="Refuse images whose Content-Usage header opts out of AI training (train-ai=n).",
+    )
+    respect_xmp_data_mining: bool = Field(
+        default=_FETCH.respect_xmp_data_mining,
+        description="Refuse images whose XMP DataMining field prohibits AI/ML training.",
+    )
 
     def to_settings(self) -> DownloadSettings:
         """The engine's settings; raises ConfigError naming the option when a value cannot work."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import importlib.metadata
 import ssl
 import subprocess
 import threading
@@ -104,7 +105,13 @@ def test_only_http_and_https_urls_are_fetched(url: str, message: str) -> None:
 
 def test_refused_connection_is_an_error() -> None:
     # Port 1 on loopback: nothing listens there.
-    assert fetch("http://127.0.0.1:1/a.jpg") == (None, "connection refused (tried 127.0.0.1 port 1)")
+    refused = "connection refused (tried 127.0.0.1 port 1)"
+    assert fetch("http://127.0.0.1:1/a.jpg", respect_robots_txt=False) == (None, refused)
+    # robots.txt comes first, and its error is the sample's: RFC 9309 then disallows the whole host.
+    assert fetch("http://127.0.0.1:1/a.jpg") == (
+        None,
+        f"{refused} (robots.txt unreachable: every path disallowed for this run)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,10 +150,14 @@ def test_x_robots_tag_rule_matches_img2dataset() -> None:
     assert not is_disallowed(headers, None, directives)
 
 
-def test_user_agent_carries_the_token(server: ImageServer) -> None:
-    fetch(server.url("/echo-ua.jpg"), user_agent_token="MyCrawler")
-    assert server.last_user_agent is not None
-    assert "(compatible; MyCrawler; +https://github.com/rom1504/img2dataset)" in server.last_user_agent
+def test_the_user_agent_is_honest(server: ImageServer) -> None:
+    version = importlib.metadata.version("img2ds_dagster")
+    fetch(server.url("/echo-ua.jpg?ua=default"))
+    assert server.last_user_agent == f"img2ds_dagster/{version}"
+    fetch(server.url("/echo-ua.jpg?ua=token"), user_agent_token="MyCrawler", user_agent_contact="mailto:a@b")
+    assert server.last_user_agent == f"img2ds_dagster/{version} (compatible; MyCrawler; +mailto:a@b)"
+    fetch(server.url("/echo-ua.jpg?ua=whole"), user_agent="Mozilla/5.0 (X11) Firefox/72.0")
+    assert server.last_user_agent == "Mozilla/5.0 (X11) Firefox/72.0"
 
 
 def test_transient_failures_are_retried(server: ImageServer) -> None:

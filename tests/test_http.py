@@ -81,7 +81,9 @@ def test_a_server_on_ipv6_only_is_reached(v6_only: tuple[int, bytes]) -> None:
 
 def test_the_error_names_every_address_tried() -> None:
     port = _free_port()
-    result = fetch(f"http://dual.test:{port}/a.jpg", {"dual.test": ["::1", "127.0.0.1"]})
+    result = fetch(
+        f"http://dual.test:{port}/a.jpg", {"dual.test": ["::1", "127.0.0.1"]}, respect_robots_txt=False
+    )
     assert result.error == f"connection refused (tried ::1 port {port}, 127.0.0.1 port {port})"
 
 
@@ -155,8 +157,9 @@ def test_without_retries_a_429_fails_with_img2datasets_message(server: ImageServ
 
 
 def test_other_transient_failures_back_off_with_jitter(server: ImageServer) -> None:
-    # An unreadable Retry-After counts as none: exponential backoff, at most 0.5 s then 1 s here.
-    path = "/retry-after/2/soon/gen/16x16.jpg?case=backoff"
+    # A 500 is this sample's failure, not the host asking to slow down: its own exponential backoff,
+    # at most 0.5 s then 1 s here.
+    path = "/retry-after/2/soon/gen/16x16.jpg?status=500&case=backoff"
     result = fetch(server.url(path), retries=2)
     assert result.error is None
     assert result.waits == 2

@@ -59,7 +59,20 @@ IMG2DATASET_DEFAULTS = {
 # Options of later img2dataset releases, accepted after 1.47's (so positional calls still line up).
 LATER_OPTIONS = {"ignore_ssl_certificate": False}
 # Options of img2ds_dagster's own, after img2dataset's.
-OWN_OPTIONS = {"proxy": None, "allowed_networks": None, "blocked_networks": None}
+OWN_OPTIONS = {
+    "proxy": None,
+    "allowed_networks": None,
+    "blocked_networks": None,
+    "user_agent": None,
+    "user_agent_contact": None,
+    "respect_robots_txt": True,
+    "respect_tdm_reservation": True,
+    "respect_content_usage": True,
+    "respect_xmp_data_mining": True,
+    "max_connections_per_host": 16,
+    "min_request_interval": 0.0,
+    "host_failure_limit": 8,
+}
 
 
 def test_download_has_img2datasets_signature() -> None:
@@ -77,8 +90,8 @@ def test_dagster_config_defaults_are_the_engines() -> None:
     for name, default in IMG2DATASET_DEFAULTS.items():
         if name in flat and name != "input_format":  # the code location infers it from the file name
             expected = list(default) if isinstance(default, tuple) else default
-            if name == "disallowed_header_directives":  # None means the four default directives
-                expected = ["noai", "noimageai", "noindex", "noimageindex"]
+            if name == "disallowed_header_directives":  # None means the default directives
+                expected = ["noai", "noimageai", "noindex", "noimageindex", "noml"]  # noml: ours
             if name == "save_additional_columns":  # None means no extra column
                 expected = []
             if isinstance(expected, float) and math.isinf(expected):  # "no limit"

@@ -101,6 +101,9 @@ class WorkersResource(dg.ConfigurableResource):
     parallel_shards: int = _WORKERS.parallel_shards
     cpu_threads: int = _WORKERS.cpu_threads
     spool_dir: str | None = _WORKERS.spool_dir
+    max_connections_per_host: int = _WORKERS.max_connections_per_host
+    min_request_interval: float = _WORKERS.min_request_interval
+    host_failure_limit: int = _WORKERS.host_failure_limit
 
     def workers(self) -> Workers:
         return Workers(
@@ -108,6 +111,9 @@ class WorkersResource(dg.ConfigurableResource):
             parallel_shards=self.parallel_shards,
             cpu_threads=self.cpu_threads,
             spool_dir=self.spool_dir,
+            max_connections_per_host=self.max_connections_per_host,
+            min_request_interval=self.min_request_interval,
+            host_failure_limit=self.host_failure_limit,
         )
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import importlib.metadata
 import random
 import re
 import socket
-import ssl
 import threading
 import time
 import urllib.request
@@ -34,13 +34,18 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp.helpers import BasicAuth, proxies_from_env
+from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .guard import AddressPolicy, GuardedResolver, GuardRefusal, Lookup, private_allowed, system_lookup
+from .guard import AddressPolicy, GuardedResolver, GuardRefusal, Hop, Lookup, current_hop, system_lookup
+from .polite import ROBOTS_MAX_BYTES, HostGate, HostUnavailable, Politeness, Refused, header_usage_opt_out
 from .settings import FetchSettings
 
-# img2dataset's User-Agent, so that sites treat both tools alike.
-USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+PRODUCT = "img2ds_dagster"  # the robot's product token, in its User-Agent and for robots.txt
+try:
+    VERSION = importlib.metadata.version(PRODUCT)
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+    VERSION = "0"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
@@ -60,16 +65,31 @@ class FetchResult:
     error: str | None
     waits: int = 0
     waited: float = 0.0
+    opt_out: str | None = None  # the kind of site signal that refused it (polite.py, _opt_out)
 
 
 class FetchError(Exception):
     """One failed attempt. ``transient`` failures (timeouts, resets, 5xx, 429) are worth a retry;
-    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one."""
+    ``retry_after`` is the server's ``Retry-After`` in seconds, when it sent one; ``status`` the HTTP
+    status when the server answered; ``unreachable`` a timeout or a failed connection (which count
+    towards giving up on the host); ``opt_out`` the kind of signal that refused the image."""
 
-    def __init__(self, message: str, transient: bool = False, retry_after: float | None = None) -> None:
+    def __init__(  # noqa: PLR0913 - the fields of an exception, given by name
+        self,
+        message: str,
+        transient: bool = False,
+        *,
+        retry_after: float | None = None,
+        status: int | None = None,
+        unreachable: bool = False,
+        opt_out: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.retry_after = retry_after
+        self.status = status
+        self.unreachable = unreachable
+        self.opt_out = opt_out
 
 
 class _HeaderValues(Protocol):
@@ -141,52 +161,47 @@ class _Proxies:
         return (None, None) if bypass else (info.proxy, info.proxy_auth)
 
 
-class Fetcher:
-    """Downloads URLs on an event loop of its own; ``fetch`` is safe to call from any other thread.
+def user_agent(settings: FetchSettings) -> str:
+    """``img2ds_dagster/<version>``, with ``(compatible; <token>; +<contact>)`` as far as they are set;
+    or the ``user_agent`` option whole. Never another crawler's name."""
+    if settings.user_agent:
+        return settings.user_agent
+    details = [f"compatible; {settings.user_agent_token}"] if settings.user_agent_token else []
+    if settings.user_agent_contact:
+        details.append(f"+{settings.user_agent_contact}")
+    return f"{PRODUCT}/{VERSION}" + (f" ({'; '.join(details)})" if details else "")
 
-    ``fetch_async`` runs on that loop (``run`` hands it a coroutine): the shard builder keeps
-    ``thread_count`` downloads in flight there per shard. ``close()`` stops the loop. ``lookup``
-    replaces getaddrinfo (tests give names addresses of their own this way).
-    """
 
-    def __init__(self, settings: FetchSettings, lookup: Lookup = system_lookup) -> None:
-        self.settings = settings
-        token = settings.user_agent_token
-        self._token = token.strip().lower() if token else None
-        self._directives = frozenset(d.strip().lower() for d in settings.disallowed_header_directives)
-        user_agent = USER_AGENT
-        if token:
-            user_agent += f" (compatible; {token}; +https://github.com/rom1504/img2dataset)"
-        # urllib's request headers, which img2dataset sends: servers treat both alike.
-        self._headers = {"User-Agent": user_agent, "Accept": "*/*", "Accept-Encoding": "identity"}
-        self._proxies = _Proxies(settings.proxy)
-        policy = AddressPolicy.from_options(settings.allowed_networks, settings.blocked_networks)
-        self._resolver = GuardedResolver(policy, lookup, exempt_hosts=self._proxies.hosts())
-        self._random = random.Random()
+class HttpClient:
+    """The HTTP side of a process: one event loop in a thread of its own, one aiohttp session (its
+    connection pool, and the address guard's resolver and cache), and the per-host politeness of
+    ``polite.py``; shared by every shard built at once, whatever each table's settings.
+    ``lookup`` replaces getaddrinfo (tests give names addresses of their own this way)."""
+
+    def __init__(self, politeness: Politeness | None = None, lookup: Lookup = system_lookup) -> None:
+        self.politeness = politeness or Politeness()
+        self.resolver = GuardedResolver(lookup)
         self._loop = asyncio.new_event_loop()
         # getaddrinfo runs in the loop's default executor, which on 2 cores has 6 threads: a few slow
         # DNS answers would hold every other download's lookup.
         self._lookups = ThreadPoolExecutor(max_workers=16, thread_name_prefix="img2ds-dns")
         self._loop.set_default_executor(self._lookups)
-        self._thread = threading.Thread(target=self._loop.run_forever, name="img2ds-fetch", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="img2ds-http", daemon=True)
         self._thread.start()
         self._closed = False
-        self._session = self.run(self._open())
+        self.session = self.run(self._open())
 
     async def _open(self) -> aiohttp.ClientSession:
-        tls: ssl.SSLContext | bool = ssl.create_default_context()
-        if self.settings.ignore_ssl_certificate:
-            tls = False
         connector = aiohttp.TCPConnector(
-            limit=0,  # the shard builder bounds the downloads in flight
-            resolver=self._resolver,
+            limit=0,  # the shard builders and the per-host gates bound what is in flight
+            resolver=self.resolver,
             use_dns_cache=False,  # the resolver caches, and answers per hop (guard.py)
-            ssl=tls,
             happy_eyeballs_delay=0.25,
         )
         return aiohttp.ClientSession(
             connector=connector,
-            headers=self._headers,
+            # urllib's request headers, which img2dataset sends; the User-Agent is each table's.
+            headers={"Accept": "*/*", "Accept-Encoding": "identity"},
             cookie_jar=aiohttp.DummyCookieJar(),  # cookies are neither kept nor sent, as img2dataset
             timeout=aiohttp.ClientTimeout(total=None),  # the attempt's deadline is ours
             max_line_size=_MAX_LINE,
@@ -194,39 +209,8 @@ class Fetcher:
         )
 
     def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """Run ``coro`` on the fetcher's loop and wait for its result (not from the loop's thread)."""
+        """Run ``coro`` on the client's loop and wait for its result (not from the loop's thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def fetch(self, url: str) -> FetchResult:
-        """Download ``url``, retrying transient failures ``retries`` times."""
-        return self.run(self.fetch_async(url))
-
-    async def fetch_async(self, url: str) -> FetchResult:
-        """Download ``url``; a transient failure is retried ``retries`` times, each attempt with its
-        own ``timeout``, all of them and the waits between them within ``timeout x (retries + 1)``."""
-        retries = self.settings.retries
-        budget_end = time.monotonic() + self.settings.timeout * (retries + 1)
-        waits, waited = 0, 0.0
-        for attempt in range(retries + 1):
-            try:
-                return FetchResult(await self._attempt(url), None, waits, waited)
-            except FetchError as err:
-                error = err
-                if not err.transient or attempt == retries:
-                    break
-                left = budget_end - time.monotonic()
-                if err.retry_after is not None:
-                    wait = err.retry_after
-                    if wait >= left:
-                        error = FetchError(
-                            f"{err} (Retry-After {wait:g} s, more than the {max(0, left):.1f} s left)"
-                        )
-                        break
-                else:
-                    wait = min(self._random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), left)
-                await asyncio.sleep(wait)
-                waits, waited = waits + 1, waited + wait
-        return FetchResult(None, str(error), waits, waited)
 
     def close(self) -> None:
         """Cancel what is still running, close every connection and stop the loop's thread."""
@@ -246,16 +230,149 @@ class Fetcher:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await self._session.close()
+        await self.session.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Fetcher:
+    """Downloads URLs with one table's settings, on an HttpClient (its own when none is given, closed
+    with it); ``fetch`` is safe to call from any thread but the client's loop.
+
+    ``fetch_async`` runs on the client's loop (``run`` hands it a coroutine): the shard builder
+    keeps ``thread_count`` downloads in flight there per shard.
+    """
+
+    def __init__(
+        self, settings: FetchSettings, client: HttpClient | None = None, lookup: Lookup = system_lookup
+    ) -> None:
+        self.settings = settings
+        self._own = client is None
+        self.client = client if client is not None else HttpClient(lookup=lookup)
+        # The robot's product token: what robots.txt groups and X-Robots-Tag lines are matched against.
+        self.token = (settings.user_agent_token or PRODUCT).strip()
+        self._directives = frozenset(d.strip().lower() for d in settings.disallowed_header_directives)
+        self._headers = {"User-Agent": user_agent(settings)}
+        self._ssl: bool | None = False if settings.ignore_ssl_certificate else None  # None: verify
+        self._proxies = _Proxies(settings.proxy)
+        policy = AddressPolicy.from_options(settings.allowed_networks, settings.blocked_networks)
+        self._first_hop = Hop(policy, True, frozenset(h.lower() for h in self._proxies.hosts()))
+        self._random = random.Random()
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return self.client.run(coro)
+
+    def fetch(self, url: str) -> FetchResult:
+        """Download ``url``, retrying transient failures ``retries`` times."""
+        return self.run(self.fetch_async(url))
+
+    def close(self) -> None:
+        if self._own:
+            self.client.close()
+
+    async def fetch_async(self, url: str) -> FetchResult:
+        """Download ``url``: its robots.txt first (when respected), then attempts through the host's
+        gate (polite.py). A transient failure is retried ``retries`` times, each attempt with its own
+        ``timeout``, all of them and the waits between them within ``timeout x (retries + 1)``; a 429
+        or 503 pauses the host for every shard (its Retry-After, or a backoff)."""
+        s = self.settings
+        try:
+            target = _checked(url)
+        except FetchError as err:
+            return FetchResult(None, str(err))
+        budget_end = time.monotonic() + s.timeout * (s.retries + 1)
+        politeness = self.client.politeness
+        host = (target.raw_host or "").lower()
+        gate = politeness.gate(host)
+        if s.respect_robots_txt:
+            # The guard first (a dictionary lookup once the host is known): what it refuses, or a
+            # name that does not resolve, fails the sample as such, not as a robots.txt unreachable.
+            try:
+                proxied = self._proxies.for_url(target)[0] is not None
+                await self.client.resolver.check_hop(host, target.port or 0, self._first_hop, proxied, False)
+            except GuardRefusal as err:
+                return FetchResult(None, str(err))
+            except socket.gaierror as err:
+                return FetchResult(None, str(_dns_error(err)))
+            refusal = await self._robots_refusal(target, host)
+            if refusal is not None:
+                return FetchResult(None, str(refusal), opt_out=refusal.kind)
+        waits, waited = 0, 0.0
+        error = FetchError("not attempted")
+        for attempt in range(s.retries + 1):
+            try:
+                async with gate.turn(budget_end):
+                    data = await self._attempt(target, image=True)
+            except HostUnavailable as err:
+                error = FetchError(f"{host}: {err}")
+                break
+            except FetchError as err:
+                error = err
+                wait = self._after_failure(err, gate)
+                if not err.transient or attempt == s.retries:
+                    break
+                left = budget_end - time.monotonic()
+                if err.retry_after is not None and err.retry_after >= left:
+                    left = max(0.0, left)
+                    error = FetchError(
+                        f"{err} (Retry-After {err.retry_after:g} s, more than the {left:.1f} s left)"
+                    )
+                    break
+                if wait is None:  # not a pause of the host's: this sample's own backoff
+                    wait = min(self._random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), left)
+                    await asyncio.sleep(wait)
+                waits, waited = waits + 1, waited + wait
+                continue
+            gate.answered()
+            return FetchResult(data[1], None, waits, waited)
+        return FetchResult(None, str(error), waits, waited, opt_out=error.opt_out)
+
+    def _after_failure(self, err: FetchError, gate: HostGate) -> float | None:
+        """Tell the host's gate what happened; the pause it now makes every request wait, if any."""
+        if err.status in RETRY_AFTER_STATUSES:
+            return gate.pause(err.retry_after, self.client.politeness.rng)
+        if err.unreachable:
+            gate.failed(str(err), self.client.politeness.failure_limit)
+        elif err.status is not None:
+            gate.answered()  # the host answers: a 404 is not a dead host
+        return None
+
+    async def _robots_refusal(self, target: URL, host: str) -> Refused | None:
+        origin = f"{target.scheme}://{target.raw_authority}"
+        rules = await self.client.politeness.robots(origin, host, self.token, self._fetch_robots)
+        return rules.refusal(str(target), target.raw_path_qs, self.token)
+
+    async def _fetch_robots(self, url: str) -> tuple[int | None, bytes | str]:
+        """robots.txt through the same gate, guard and deadline as an image: (status, body), or
+        (None, why) when the host did not answer."""
+        target = _checked(url)
+        gate = self.client.politeness.gate((target.raw_host or "").lower())
+        try:
+            async with gate.turn(time.monotonic() + self.settings.timeout):
+                status, body = await self._attempt(target, image=False)
+        except HostUnavailable as err:
+            return None, str(err)
+        except FetchError as err:
+            if err.status is not None:
+                return err.status, b""
+            if err.unreachable:
+                gate.failed(str(err), self.client.politeness.failure_limit)
+            return None, str(err)
+        gate.answered()
+        return status, body
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    async def _attempt(self, url: str) -> bytes:
+    async def _attempt(self, target: URL, image: bool) -> tuple[int, bytes]:
         try:
             async with asyncio.timeout(self.settings.timeout):
-                return await self._follow(url)
+                return await self._follow(target, image)
         except TimeoutError:
-            raise FetchError("timed out", transient=True) from None
+            raise FetchError("timed out", transient=True, unreachable=True) from None
         except GuardRefusal as err:
             raise FetchError(str(err)) from None
         except socket.gaierror as err:  # the guard's own lookup, before the request
@@ -263,38 +380,52 @@ class Fetcher:
         except aiohttp.ClientError as err:
             raise _as_fetch_error(err) from None
 
-    async def _follow(self, url: str) -> bytes:
+    async def _follow(self, target: URL, image: bool) -> tuple[int, bytes]:
         """Each hop checked by the guard before its request: private addresses stay allowed while
         the chain has not been on a public address (the input table's own URL may be private)."""
-        private_ok = True
-        for hop in range(self.settings.max_redirects + 1):
-            target = _checked(url)
+        hop = self._first_hop
+        for number in range(self.settings.max_redirects + 1):
             proxy, proxy_auth = self._proxies.for_url(target)
             host, port = target.raw_host or "", target.port or 0
-            public = await self._resolver.check_hop(host, port, private_ok, proxy is not None, strict=hop > 0)
-            token = private_allowed.set(private_ok)
+            public = await self.client.resolver.check_hop(
+                host, port, hop, proxy is not None, strict=number > 0
+            )
+            token = current_hop.set(hop)
             try:
-                location = await self._get(target, proxy, proxy_auth)
+                answer = await self._get(target, proxy, proxy_auth, image)
             finally:
-                private_allowed.reset(token)
-            if isinstance(location, bytes):
-                return location
-            url = urljoin(str(target), location)
+                current_hop.reset(token)
+            if not isinstance(answer, str):
+                return answer
+            url = urljoin(str(target), answer)
             scheme = urlsplit(url).scheme.lower()
             if scheme not in ("http", "https"):
                 raise FetchError(f"redirect to a {scheme or 'relative'} URL refused: only http and https")
-            private_ok = private_ok and not public
+            target = _checked(url)
+            if hop.private_ok and public:
+                hop = Hop(hop.policy, False, hop.exempt)
         raise FetchError(f"too many redirects (more than {self.settings.max_redirects})")
 
-    async def _get(self, url: URL, proxy: URL | None, proxy_auth: BasicAuth | None) -> bytes | str:
-        """One request: the body, or the Location of a redirect."""
-        async with self._session.get(url, allow_redirects=False, proxy=proxy, proxy_auth=proxy_auth) as resp:
+    async def _get(
+        self, url: URL, proxy: URL | None, proxy_auth: BasicAuth | None, image: bool
+    ) -> tuple[int, bytes] | str:
+        """One request: (status, body), or the Location of a redirect."""
+        async with self.client.session.get(
+            url,
+            allow_redirects=False,
+            headers=self._headers,
+            proxy=proxy,
+            proxy_auth=proxy_auth,
+            ssl=True if self._ssl is None else self._ssl,
+        ) as resp:
             status, headers = resp.status, resp.headers
             if status in REDIRECT_STATUSES:
                 location = headers.get("Location")
                 await _drain(resp)
                 if not location:
-                    raise FetchError(f"HTTP Error {status}: redirect without a Location header")
+                    raise FetchError(
+                        f"HTTP Error {status}: redirect without a Location header", status=status
+                    )
                 return location
             if not 200 <= status < 300:
                 await _drain(resp)
@@ -305,11 +436,29 @@ class Fetcher:
                     f"HTTP Error {status}: {resp.reason}",
                     transient=status in TRANSIENT_STATUSES,
                     retry_after=retry_after,
+                    status=status,
                 )
-            if self._directives and is_disallowed(headers, self._token, self._directives):
+            if not image:
+                return status, await _read_capped(resp, ROBOTS_MAX_BYTES, truncate=True)
+            refusal = self._opt_out(headers)
+            if refusal is not None:
                 resp.close()  # not a byte of the body is read
-                raise FetchError("Use of image disallowed by X-Robots-Tag directive")
-            return await _read_capped(resp, self.settings.max_download_bytes)
+                raise FetchError(str(refusal), opt_out=refusal.kind)
+            return status, await _read_capped(resp, self.settings.max_download_bytes)
+
+    def _opt_out(self, headers: CIMultiDictProxy[str]) -> Refused | None:
+        """The opt-out signals of an image's response headers, in the order they are checked."""
+        s = self.settings
+        if self._directives and is_disallowed(headers, self.token.lower(), self._directives):
+            return Refused("Use of image disallowed by X-Robots-Tag directive", "x-robots-tag")
+        if s.respect_tdm_reservation and headers.get("tdm-reservation", "").strip() == "1":
+            return Refused(
+                "Use of image reserved by its TDMRep header (tdm-reservation: 1)", "tdm-reservation"
+            )
+        if s.respect_content_usage and header_usage_opt_out(headers.get("Content-Usage")):
+            usage = headers.get("Content-Usage")
+            return Refused(f"AI training opted out by the Content-Usage header ({usage})", "content-usage")
+        return None
 
 
 def _checked(url: str) -> URL:
@@ -340,11 +489,12 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
     resp.close()
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, truncate: bool = False) -> bytes:
     """The (decoded) body, refused once over ``cap`` bytes: first by its declared length (the
-    encoded length: a body larger than the cap encoded is not read at all), then while streaming."""
+    encoded length: a body larger than the cap encoded is not read at all), then while streaming.
+    With ``truncate``, the first ``cap`` bytes instead (robots.txt)."""
     length = resp.content_length
-    if length is not None and length > cap:
+    if length is not None and length > cap and not truncate:
         resp.close()
         raise FetchError(f"body of {length} bytes is over the {cap}-byte limit")
     chunks: list[bytes] = []
@@ -353,6 +503,9 @@ async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
         size += len(chunk)
         if size > cap:
             resp.close()
+            if truncate:
+                chunks.append(chunk[: len(chunk) - (size - cap)])
+                break
             raise FetchError(f"body is over the {cap}-byte limit")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -384,9 +537,9 @@ def _as_fetch_error(err: aiohttp.ClientError) -> FetchError:
         )
     if isinstance(err, aiohttp.ClientConnectorError):
         if isinstance(err.os_error, ConnectionRefusedError):
-            return FetchError(f"connection refused{_tried(err.os_error)}", transient=True)
+            return FetchError(f"connection refused{_tried(err.os_error)}", transient=True, unreachable=True)
         reason = getattr(err.os_error, "strerror", None) or str(err.os_error)
-        return FetchError(f"cannot connect: {reason}{_tried(err.os_error)}", transient=True)
+        return FetchError(f"cannot connect: {reason}{_tried(err.os_error)}", transient=True, unreachable=True)
     if isinstance(err, aiohttp.ServerDisconnectedError):
         return FetchError("bad HTTP response: RemoteDisconnected", transient=True)
     if isinstance(err, aiohttp.ClientPayloadError):

@@ -42,11 +42,6 @@ METADATA_NAMES = frozenset(
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _BROADCAST = ipaddress.ip_address("255.255.255.255")
 
-# Whether the download under way may still reach a private address: True for the input table's own
-# URL and the redirects that have stayed on private addresses since. Set per hop by the fetcher; the
-# resolver, called by aiohttp's connector in the same task, reads it.
-private_allowed: contextvars.ContextVar[bool] = contextvars.ContextVar("private_allowed", default=True)
-
 
 class GuardRefusal(Exception):
     """A hop refused by the address policy; the message names the host, the address and the rule."""
@@ -124,6 +119,22 @@ def _builtin_rule(a: IPAddress, private_ok: bool) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """What the guard needs to know about the hop under way: the table's policy; whether it may still
+    reach a private address (True for the input table's own URL and the redirects that have stayed
+    on private addresses since); the proxies' hosts, which the user chose (never refused)."""
+
+    policy: AddressPolicy
+    private_ok: bool = True
+    exempt: frozenset[str] = frozenset()
+
+
+# The hop under way, set by the fetcher around each request; the resolver, which aiohttp's connector
+# calls in the same task, reads it.
+current_hop: contextvars.ContextVar[Hop] = contextvars.ContextVar("current_hop")
+
+
 def name_refusal(host: str) -> str | None:
     """The rule refusing a host by its name alone (before any DNS), if any."""
     if host.rstrip(".").lower() in METADATA_NAMES:
@@ -167,35 +178,44 @@ class _Verdict:
     public: bool  # whether any kept address is public
 
 
+def _judge(policy: AddressPolicy, found: Addresses, private_ok: bool) -> _Verdict:
+    kept: Addresses = []
+    refused = []
+    public = False
+    for fam, address in found:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        rule = policy.refusal(ip, private_ok)
+        if rule is None:
+            kept.append((fam, address))
+            public = public or policy.is_public(ip)
+        else:
+            refused.append(f"{address}, {rule}")
+    return _Verdict(kept, refused, public)
+
+
+_Entry = tuple[float, Addresses, dict[tuple[AddressPolicy, bool], _Verdict]]  # expiry, addresses, verdicts
+
+
 class GuardedResolver(AbstractResolver):
     """aiohttp's resolver: every address of a host, in getaddrinfo's order (the connector tries them
-    all, happy-eyeballs style), but only those the policy allows for the hop under way. A host none
+    all, happy-eyeballs style), but only those the hop's policy allows (``current_hop``). A host none
     of whose addresses is allowed raises GuardRefusal, and nothing is connected.
 
     A host's addresses, and the verdicts on them, are kept for ``ttl`` seconds: checking a host seen
     before is a dictionary lookup."""
 
-    def __init__(
-        self,
-        policy: AddressPolicy,
-        lookup: Lookup = system_lookup,
-        exempt_hosts: Iterable[str] = (),
-        ttl: float = 300.0,
-        max_entries: int = 65536,
-    ) -> None:
-        self.policy = policy
+    def __init__(self, lookup: Lookup = system_lookup, ttl: float = 300.0, max_entries: int = 65536) -> None:
         self._lookup = lookup
-        self._exempt = frozenset(h.lower() for h in exempt_hosts)  # the proxies: the user's choice
         self._ttl = ttl
         self._max_entries = max_entries
-        self._cache: dict[tuple[str, int], tuple[float, Addresses, dict[bool, _Verdict]]] = {}
+        self._cache: dict[tuple[str, int], _Entry] = {}
         self._names: dict[str, tuple[str | None, IPAddress | None]] = {}  # what the name alone says
         self._unknown: dict[
             str, tuple[float, tuple[int | None, str | None]]
         ] = {}  # names DNS said do not exist
         self._unknown_ttl = min(ttl, 60.0)
 
-    async def _entry(self, host: str, port: int) -> tuple[float, Addresses, dict[bool, _Verdict]]:
+    async def _entry(self, host: str, port: int) -> _Entry:
         now = time.monotonic()
         hit = self._cache.get((host, port))
         if hit is None or hit[0] <= now:
@@ -218,34 +238,21 @@ class GuardedResolver(AbstractResolver):
             self._cache[(host, port)] = hit
         return hit
 
-    async def _verdict(self, host: str, port: int, private_ok: bool) -> _Verdict:
+    async def _verdict(self, host: str, port: int, policy: AddressPolicy, private_ok: bool) -> _Verdict:
         _, found, verdicts = await self._entry(host, port)
-        verdict = verdicts.get(private_ok)
+        verdict = verdicts.get((policy, private_ok))
         if verdict is None:
-            verdict = verdicts[private_ok] = self._judge(found, private_ok)
+            verdict = verdicts[(policy, private_ok)] = _judge(policy, found, private_ok)
         return verdict
-
-    def _judge(self, found: Addresses, private_ok: bool) -> _Verdict:
-        kept: Addresses = []
-        refused = []
-        public = False
-        for fam, address in found:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-            rule = self.policy.refusal(ip, private_ok)
-            if rule is None:
-                kept.append((fam, address))
-                public = public or self.policy.is_public(ip)
-            else:
-                refused.append(f"{address}, {rule}")
-        return _Verdict(kept, refused, public)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
     ) -> list[ResolveResult]:
-        if host.lower() in self._exempt:  # a proxy: the user's choice, whatever its address
+        hop = current_hop.get(None)
+        if hop is None or host.lower() in hop.exempt:  # a proxy: the user's choice, whatever its address
             kept = (await self._entry(host, port))[1]
         else:
-            verdict = await self._verdict(host, port, private_allowed.get())
+            verdict = await self._verdict(host, port, hop.policy, hop.private_ok)
             if not verdict.kept:
                 raise _refusal(host, verdict)
             kept = verdict.kept
@@ -255,7 +262,7 @@ class GuardedResolver(AbstractResolver):
             if family in (socket.AF_UNSPEC, fam)
         ]
 
-    async def check_hop(self, host: str, port: int, private_ok: bool, proxied: bool, strict: bool) -> bool:
+    async def check_hop(self, host: str, port: int, hop: Hop, proxied: bool, strict: bool) -> bool:
         """Check a hop before its request is sent; returns whether it goes to a public address.
 
         The connector checks again at connect time (``resolve``); this check also covers IP literals
@@ -273,13 +280,13 @@ class GuardedResolver(AbstractResolver):
         if rule is not None:
             raise GuardRefusal(f"address guard: {host} refused ({rule})")
         if address is not None:
-            rule = self.policy.refusal(address, private_ok)
+            rule = hop.policy.refusal(address, hop.private_ok)
             if rule is not None:
                 raise GuardRefusal(f"address guard: {address} refused ({rule})")
-            return self.policy.is_public(address)
+            return hop.policy.is_public(address)
         if proxied:
             return True  # unknown: count it as public
-        verdict = await self._verdict(host, port, private_ok)
+        verdict = await self._verdict(host, port, hop.policy, hop.private_ok)
         if not verdict.kept or (strict and verdict.refused):
             raise _refusal(host, verdict)
         return verdict.public

@@ -9,6 +9,7 @@ here is a bug, and fails the shard.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ class Outcome:
     hash: str | None = None
     waits: int = 0  # waits before retrying its download (Retry-After or backoff)
     waited: float = 0.0  # seconds
+    opt_out: str | None = None  # the kind of site signal that refused it
 
 
 class SampleWorker:
@@ -73,6 +75,7 @@ class SampleWorker:
         self.hash_type = settings.output.compute_hash
         self.verify = settings.source.verify_hash_type is not None
         self.keep_bytes = settings.image.disable_all_reencoding
+        self.respect_xmp = settings.fetch.respect_xmp_data_mining
 
     async def run(self, task: SampleTask) -> Outcome:
         """Runs on the fetcher's event loop."""
@@ -80,7 +83,13 @@ class SampleWorker:
             return Outcome("failed_to_download", "empty URL")
         fetched = await self.fetcher.fetch_async(task.url)
         if fetched.data is None:
-            return Outcome("failed_to_download", fetched.error, waits=fetched.waits, waited=fetched.waited)
+            return Outcome(
+                "failed_to_download",
+                fetched.error,
+                waits=fetched.waits,
+                waited=fetched.waited,
+                opt_out=fetched.opt_out,
+            )
         raw = fetched.data
         outcome = await asyncio.wrap_future(self.cpu.submit(lambda: self.process(raw, task), self.lane))
         outcome.waits, outcome.waited = fetched.waits, fetched.waited
@@ -88,6 +97,11 @@ class SampleWorker:
 
     def process(self, raw: bytes, task: SampleTask) -> Outcome:
         """Downloaded bytes to an outcome; runs on a CPU thread."""
+        if self.respect_xmp:
+            prohibited = xmp_data_mining_prohibition(raw)
+            if prohibited is not None:
+                message = f"Use of image prohibited by its XMP DataMining field ({prohibited})"
+                return Outcome("failed_to_download", message, opt_out="xmp-data-mining")
         hash_ = digest(raw, self.hash_type) if self.hash_type else None
         if self.verify and hash_ != task.expected_hash:
             return Outcome("failed_to_download", "hash mismatch")
@@ -110,6 +124,20 @@ class SampleWorker:
             exif=exif_json(raw, header) if self.extract_exif else None,
             hash=hash_,
         )
+
+
+# IPTC/PLUS's DataMining values that prohibit using the image to train AI/ML models: all of them but
+# DMI-UNSPECIFIED and the DMI-ALLOWED ones (SEECONSTRAINT points at conditions we cannot read).
+_DMI = re.compile(rb"DMI-PROHIBITED(?:-[A-Z]+)?")
+
+
+def xmp_data_mining_prohibition(raw: bytes) -> str | None:
+    """The prohibiting DataMining value of the image's XMP packet, if any: a byte search of the raw
+    file (XMP is plain text in JPEG, PNG, WebP, TIFF and GIF), no metadata parsing."""
+    if b"DataMining" not in raw:
+        return None
+    found = _DMI.search(raw)
+    return found.group().decode() if found else None
 
 
 def metadata_row(

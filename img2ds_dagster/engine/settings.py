@@ -27,7 +27,8 @@ INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
 ENCODE_FORMATS: tuple[EncodeFormat, ...] = get_args(EncodeFormat)
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
 HASH_TYPES: tuple[HashType, ...] = get_args(HashType)
-DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+# img2dataset's four, and noml (the opt-out some sites send for machine learning in particular).
+DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex", "noml")
 
 # Column names img2dataset reserves for its own metadata.
 RESERVED_COLUMNS = frozenset(
@@ -127,6 +128,15 @@ class FetchSettings:
     # The address guard (guard.py): networks exempt from it, and networks refused as well.
     allowed_networks: tuple[str, ...] = ()
     blocked_networks: tuple[str, ...] = ()
+    # The User-Agent whole; None: img2ds_dagster/<version> with the token and the contact below.
+    user_agent: str | None = None
+    user_agent_contact: str | None = None  # a URL or mailto: where site owners can reach you
+    # Site owners' signals (polite.py): robots.txt with its AI-usage lines, TDMRep's
+    # tdm-reservation header, aipref's Content-Usage header, the XMP DataMining field of the image.
+    respect_robots_txt: bool = True
+    respect_tdm_reservation: bool = True
+    respect_content_usage: bool = True
+    respect_xmp_data_mining: bool = True
 
     def __post_init__(self) -> None:
         _require(self.timeout > 0, "timeout", "must be a positive number of seconds")

@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from ..errors import ConfigError, ShardError
 from .cpu import CpuPool, Spool, default_cpu_threads
-from .fetch import Fetcher
+from .fetch import Fetcher, HttpClient
+from .polite import DEFAULT_CONNECTIONS_PER_HOST, DEFAULT_HOST_FAILURE_LIMIT, Politeness
 from .runtime import objects_spared_by_gc, prepare_process
 from .sample import Outcome, SampleTask, SampleWorker, metadata_row, sample_tasks
 from .settings import DownloadSettings, OutputFormat, sample_key
@@ -44,11 +45,24 @@ class Workers:
     # where encoded images wait for their turn, and shard files for their upload to an object store;
     # default: the system's temporary folder
     spool_dir: str | None = None
+    # Per-host politeness for every shard built at once (polite.py): requests in flight to one host,
+    # seconds between two request starts to one host (robots.txt's Crawl-delay raises it), and the
+    # timeouts or failed connections in a row after which a host is given up for the run (0: never).
+    max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST
+    min_request_interval: float = 0.0
+    host_failure_limit: int = DEFAULT_HOST_FAILURE_LIMIT
 
     def __post_init__(self) -> None:
         # Checked where the shards are built: the folder may exist only on the machines that run them.
         if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
             raise ConfigError(f"workers.spool_dir: {self.spool_dir!r} is not a folder on this machine")
+        if self.max_connections_per_host < 1:
+            raise ConfigError("max_connections_per_host: must be at least 1")
+        if self.min_request_interval < 0 or self.host_failure_limit < 0:
+            raise ConfigError("min_request_interval and host_failure_limit: must be 0 or more")
+
+    def politeness(self) -> Politeness:
+        return Politeness(self.max_connections_per_host, self.min_request_interval, self.host_failure_limit)
 
     @property
     def cpu_slots(self) -> int:
@@ -81,14 +95,28 @@ class ShardResult:
         return self.stats.count / self.stats.duration if self.stats.duration > 0 else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What the shards built at once share: the pool that processes the images, and the HTTP client
+    with its connections and per-host politeness."""
+
+    cpu: CpuPool
+    client: HttpClient
+
+
 def build_shard(
-    staging: Staging, job: ShardJob, workers: Workers, cpu: CpuPool | None = None, *, lane: int | None = None
+    staging: Staging,
+    job: ShardJob,
+    workers: Workers,
+    shared: Shared | None = None,
+    *,
+    lane: int | None = None,
 ) -> ShardResult:
     """Download and write one shard of a staged table; its stats file is written last.
 
-    ``cpu`` is the pool that processes the images (shards built together share one; without it the
-    shard has one of its own). ``lane`` is the shard's place in that pool's order (``CpuPool.lane()``;
-    by default a new lane, after every shard queued before).
+    Without ``shared`` the shard has a CPU pool and an HTTP client of its own. ``lane`` is the shard's
+    place in the pool's order (``CpuPool.lane()``; by default a new lane, after every shard queued
+    before).
     """
     prepare_process()
     table, shard_id = job.table, job.shard_id
@@ -110,14 +138,16 @@ def build_shard(
     remove_leftovers(target.folder, name)
     stats = ShardStats(start_time=time.time())
     with contextlib.ExitStack() as stack:
-        if cpu is None:
+        if shared is None:
             cpu = stack.enter_context(CpuPool(workers.cpu_slots))
+            shared = Shared(cpu, stack.enter_context(HttpClient(workers.politeness())))
+        cpu, client = shared.cpu, shared.client
         spool = stack.enter_context(contextlib.closing(Spool(workers.spool_dir)))
-        fetcher = stack.enter_context(contextlib.closing(Fetcher(settings.fetch)))
+        fetcher = Fetcher(settings.fetch, client)
         worker = SampleWorker(settings, fetcher, spool, cpu, cpu.lane() if lane is None else lane)
         outcomes = fetcher.run(_download(worker, sample_tasks(rows, settings), workers.thread_count))
         for outcome in outcomes:
-            stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited)
+            stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited, outcome.opt_out)
         samples = _samples(shard_id, rows, outcomes, spool, settings)
         bytes_written = _write(target, settings.output.output_format, samples, stats)
     log.info(
@@ -209,19 +239,21 @@ def build_shards(
     with (
         objects_spared_by_gc(),
         CpuPool(workers.cpu_slots) as cpu,
+        HttpClient(workers.politeness()) as client,
         ThreadPoolExecutor(max(1, min(workers.parallel_shards, len(jobs))), "img2ds-shard") as pool,
     ):
         # Lanes in job order: the shards finish one after another, in the order they were asked for.
-        futures = {pool.submit(_guarded, staging, job, workers, cpu, cpu.lane()): job for job in jobs}
+        shared = Shared(cpu, client)
+        futures = {pool.submit(_guarded, staging, job, workers, shared, cpu.lane()): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
 
 
 def _guarded(
-    staging: Staging, job: ShardJob, workers: Workers, cpu: CpuPool, lane: int
+    staging: Staging, job: ShardJob, workers: Workers, shared: Shared, lane: int
 ) -> ShardResult | ShardError:
     try:
-        return build_shard(staging, job, workers, cpu, lane=lane)
+        return build_shard(staging, job, workers, shared, lane=lane)
     # A shard's failure is reported against that shard; the run's other shards carry on.
     except Exception as err:
         return _shard_error(job, err)

@@ -38,11 +38,17 @@ class ShardStats:
     # Not in img2dataset's file: the waits before retries (Retry-After, backoff), count and seconds.
     retry_waits: int = 0
     retry_wait_seconds: float = 0.0
+    # Not in img2dataset's file either: the samples each kind of site signal refused (fetch.py).
+    opt_outs: Counter[str] = field(default_factory=Counter)
 
-    def add(self, status: str, error: str | None, waits: int = 0, waited: float = 0.0) -> None:
+    def add(
+        self, status: str, error: str | None, waits: int = 0, waited: float = 0.0, opt_out: str | None = None
+    ) -> None:
         self.count += 1
         self.retry_waits += waits
         self.retry_wait_seconds += waited
+        if opt_out is not None:
+            self.opt_outs[opt_out] += 1
         if status == "success":
             self.successes += 1
             self.status_dict["success"] += 1
@@ -72,6 +78,7 @@ class ShardStats:
             "status_dict": dict(self.status_dict),
             "retry_waits": self.retry_waits,
             "retry_wait_seconds": round(self.retry_wait_seconds, 3),
+            "opt_outs": dict(sorted(self.opt_outs.items())),
         }
 
 

@@ -130,6 +130,7 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "failed_to_download": dg.MetadataValue.int(s.failed_to_download),
         "failed_to_resize": dg.MetadataValue.int(s.failed_to_resize),
         "top_errors": dg.MetadataValue.md("\n".join(f"- {n} x {msg}" for msg, n in s.top_errors()) or "none"),
+        "opt_outs": dg.MetadataValue.json(dict(sorted(s.opt_outs.items()))),
         "retry_waits": dg.MetadataValue.int(s.retry_waits),
         "retry_wait_seconds": dg.MetadataValue.float(round(s.retry_wait_seconds, 2)),
         "bytes_written": dg.MetadataValue.int(result.bytes_written),

@@ -44,6 +44,7 @@ def download_stats(context: dg.AssetExecutionContext, storage: StorageResource) 
             "success_rate": dg.MetadataValue.float(round(totals.get("success_rate", 0.0), 4)),
             "failed_to_download": dg.MetadataValue.int(totals["failed_to_download"]),
             "failed_to_resize": dg.MetadataValue.int(totals["failed_to_resize"]),
+            "opt_outs": dg.MetadataValue.json(totals["opt_outs"]),
             "retry_waits": dg.MetadataValue.int(totals["retry_waits"]),
             "retry_wait_seconds": dg.MetadataValue.float(round(totals["retry_wait_seconds"], 1)),
             "images_per_second": dg.MetadataValue.float(round(totals.get("images_per_second", 0.0), 1)),

@@ -131,10 +131,8 @@ def _usage_lines(text: str, token: str) -> tuple[_Usage, ...]:
             path, _, expression = value.partition(" ") if value.startswith("/") else ("", "", value)
             groups[-1][1].append(_Usage(path.strip(), expression.strip()))
     token = token.lower()
-    mine = [usage for agents, lines in groups if token in agents for usage in lines]
-    if mine:
-        return tuple(mine)
-    return tuple(usage for agents, lines in groups if "*" in agents for usage in lines)
+    chosen = token if any(token in agents for agents, _ in groups) else "*"
+    return tuple(usage for agents, lines in groups if chosen in agents for usage in lines)
 
 
 RobotsFetch = Callable[[str], Awaitable[tuple[int | None, bytes | str]]]

@@ -88,12 +88,13 @@ class DatasetStats:
 
     per_table: pl.DataFrame  # one row per table
     errors: pl.DataFrame  # table, error, count (most frequent first)
+    opt_outs: dict[str, int] = field(default_factory=dict)  # samples refused, per kind of site signal
 
     @property
     def totals(self) -> dict[str, Any]:
         t = self.per_table
         if t.is_empty():
-            return {"shards": 0, **dict.fromkeys(COUNTS, 0), "retry_wait_seconds": 0.0}
+            return {"shards": 0, **dict.fromkeys(COUNTS, 0), "retry_wait_seconds": 0.0, "opt_outs": {}}
         sums = t.select(pl.col("shards", *COUNTS, "retry_wait_seconds").sum())
         out: dict[str, Any] = sums.row(0, named=True)
         out["success_rate"] = out["successes"] / out["count"] if out["count"] else 0.0
@@ -101,6 +102,7 @@ class DatasetStats:
         # Tables are usually downloaded one after another: rate over the sum of their wall times.
         wall = float(t["wall_seconds"].sum())
         out["images_per_second"] = out["count"] / wall if wall > 0 else 0.0
+        out["opt_outs"] = self.opt_outs
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -148,6 +150,7 @@ def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
                     "start_time": float(data["start_time"]),
                     "end_time": float(data["end_time"]),
                     "status_dict": json.dumps(data.get("status_dict", {})),
+                    "opt_outs": json.dumps(data.get("opt_outs", {})),
                 }
             )
     schema = {
@@ -158,6 +161,7 @@ def read_stats_files(paths_by_table: dict[str, list[str]]) -> pl.DataFrame:
         "start_time": pl.Float64,
         "end_time": pl.Float64,
         "status_dict": pl.String,
+        "opt_outs": pl.String,
     }
     return pl.DataFrame(records, schema=schema)
 
@@ -180,7 +184,10 @@ def aggregate(shards: pl.DataFrame) -> DatasetStats:
         .sort("table")
     )
     errors = _error_counts(shards)
-    return DatasetStats(per_table=per_table, errors=errors)
+    opt_outs: Counter[str] = Counter()
+    for raw in shards["opt_outs"]:
+        opt_outs.update(json.loads(raw))
+    return DatasetStats(per_table=per_table, errors=errors, opt_outs=dict(sorted(opt_outs.items())))
 
 
 def _error_counts(shards: pl.DataFrame) -> pl.DataFrame:

@@ -40,8 +40,15 @@ def run_dagster_assets(options: dict[str, Any]) -> None:
 
     output = Path(options.pop("output_folder"))
     url_list = options.pop("url_list")
+    politeness = {
+        name: options.pop(name)
+        for name in ("max_connections_per_host", "min_request_interval", "host_failure_limit")
+        if name in options
+    }
     workers = WorkersResource(
-        thread_count=options.pop("thread_count"), parallel_shards=max(2, options.pop("processes_count"))
+        thread_count=options.pop("thread_count"),
+        parallel_shards=max(2, options.pop("processes_count")),
+        **politeness,
     )
     with tempfile.TemporaryDirectory(prefix="img2ds-bench-") as home:
         # The instance download() makes (api.py), so that the two paths differ only in how they are run.

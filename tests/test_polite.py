@@ -399,3 +399,23 @@ def test_crawl_delay_spaces_the_hosts_requests(site: tuple[Site, int]) -> None:
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 3
     assert all(gap >= 0.45 for gap in gaps), gaps
+
+
+def test_the_shard_is_the_same_whatever_the_politeness_schedule(
+    site: tuple[Site, int], tmp_path: Path
+) -> None:
+    # Two hosts; one slow and capped at a connection, so downloaders skip to the other host's rows
+    # and the rows complete out of order: the tar and the parquet come out byte for byte the same.
+    state, port = site
+    state.delay = 0.02
+    urls = [f"http://{host}:{port}/{i}.jpg" for i in range(30) for host in ("127.0.0.1", "localhost")]
+    outputs = []
+    for cap in (1, 16):
+        staging = stage(tmp_path / f"cap{cap}", urls, number_sample_per_shard=60)
+        workers = Workers(thread_count=8, max_connections_per_host=cap)
+        ((_, result),) = build_shards(staging.root, [ShardJob("t", 0)], workers)
+        assert not isinstance(result, Exception)
+        assert result.stats.successes == 60
+        folder = tmp_path / f"cap{cap}" / "out" / "t"
+        outputs.append(((folder / "00000.tar").read_bytes(), (folder / "00000.parquet").read_bytes()))
+    assert outputs[0] == outputs[1]

@@ -204,9 +204,9 @@ def test_shards_built_together_take_lanes_in_job_order(
     )
     lanes: dict[int, int | None] = {}
 
-    def recording(*args: Any, lane: int | None) -> ShardResult:
-        lanes[args[1].shard_id] = lane
-        return build_shard(*args, lane=lane)
+    def recording(*args: Any) -> ShardResult:
+        lanes[args[1].shard_id] = args[4].lane
+        return build_shard(*args)
 
     monkeypatch.setattr(shard_module, "build_shard", recording)
     jobs = [ShardJob("t", i) for i in (2, 0, 1)]
@@ -223,9 +223,9 @@ def _freeze_counts_during_build(
     staging, _ = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=len(urls) // 2)
     counts: list[int] = []
 
-    def recording(*args: Any, lane: int | None) -> ShardResult:
+    def recording(*args: Any) -> ShardResult:
         counts.append(gc.get_freeze_count())
-        return build_shard(*args, lane=lane)
+        return build_shard(*args)
 
     monkeypatch.setattr(shard_module, "build_shard", recording)
     results = dict(build_shards(staging.root, [ShardJob("t", 0), ShardJob("t", 1)], Workers(thread_count=4)))

@@ -38,7 +38,14 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .guard import AddressPolicy, GuardedResolver, GuardRefusal, Hop, Lookup, current_hop, system_lookup
-from .polite import ROBOTS_MAX_BYTES, HostGate, HostUnavailable, Politeness, Refused, header_usage_opt_out
+from .polite import (
+    ROBOTS_MAX_BYTES,
+    HostGate,
+    HostUnavailable,
+    Politeness,
+    Refused,
+    header_usage_opt_out,
+)
 from .settings import FetchSettings
 
 PRODUCT = "img2ds_dagster"  # the robot's product token, in its User-Agent and for robots.txt
@@ -274,11 +281,17 @@ class Fetcher:
         if self._own:
             self.client.close()
 
-    async def fetch_async(self, url: str) -> FetchResult:
+    def gate(self, host: str) -> HostGate:
+        """The host's gate (polite.py), for the shard's scheduler."""
+        return self.client.politeness.gate(host)
+
+    async def fetch_async(self, url: str, defer: bool = False) -> FetchResult:
         """Download ``url``: its robots.txt first (when respected), then attempts through the host's
         gate (polite.py). A transient failure is retried ``retries`` times, each attempt with its own
         ``timeout``, all of them and the waits between them within ``timeout x (retries + 1)``; a 429
-        or 503 pauses the host for every shard (its Retry-After, or a backoff)."""
+        or 503 pauses the host for every shard (its Retry-After, or a backoff). With ``defer``, a
+        first attempt that would have to wait for its host raises Deferred instead (the caller has
+        other downloads to start)."""
         s = self.settings
         try:
             target = _checked(url)
@@ -305,7 +318,7 @@ class Fetcher:
         error = FetchError("not attempted")
         for attempt in range(s.retries + 1):
             try:
-                async with gate.turn(budget_end):
+                async with gate.turn(budget_end, defer=defer and attempt == 0):
                     data = await self._attempt(target, image=True)
             except HostUnavailable as err:
                 error = FetchError(f"{host}: {err}")
@@ -459,6 +472,14 @@ class Fetcher:
             usage = headers.get("Content-Usage")
             return Refused(f"AI training opted out by the Content-Usage header ({usage})", "content-usage")
         return None
+
+
+def host_of(url: str | None) -> str:
+    """The host a URL's politeness is counted under (as ``fetch_async`` counts it); "" if none."""
+    try:
+        return (URL((url or "").strip()).raw_host or "").lower()
+    except (ValueError, UnicodeError):
+        return ""
 
 
 def _checked(url: str) -> URL:

@@ -45,6 +45,10 @@ class Refused(Exception):
         self.kind = kind
 
 
+class Deferred(Exception):
+    """A download that would have had to wait for its host, given back to be taken again later."""
+
+
 class HostUnavailable(Exception):
     """A host given up on for this run, or paused past the sample's time; the message says which."""
 
@@ -144,20 +148,23 @@ class HostGate:
 
     limit: int
     interval: float = 0.0  # seconds between two request starts (min_request_interval, Crawl-delay)
-    in_flight: int = 0
     next_start: float = 0.0
     paused_until: float = 0.0  # after a 429/503
     pauses: int = 0  # consecutive ones
     failures: int = 0  # consecutive timeouts and connection failures
     given_up: str | None = None
+    taken: int = 0  # downloads the shard schedulers have taken for this host and not finished
     _waiters: asyncio.Semaphore | None = field(default=None, repr=False)
 
     @contextlib.asynccontextmanager
-    async def turn(self, deadline: float) -> AsyncIterator[None]:
+    async def turn(self, deadline: float, defer: bool = False) -> AsyncIterator[None]:
         """Hold one of the host's ``limit`` slots, started no sooner than the interval allows and
-        not while the host is paused; Refused if it is given up on or paused past ``deadline``."""
+        not while the host is paused; HostUnavailable if it is given up on or paused past
+        ``deadline``. With ``defer``, Deferred instead of waiting for a slot or a start."""
         if self._waiters is None:
             self._waiters = asyncio.Semaphore(self.limit)
+        if defer and self._would_wait():
+            raise Deferred
         async with self._waiters:
             self._check(deadline)
             now = time.monotonic()
@@ -166,11 +173,23 @@ class HostGate:
             if start > now:
                 await asyncio.sleep(start - now)
                 self._check(deadline)
-            self.in_flight += 1
-            try:
-                yield
-            finally:
-                self.in_flight -= 1
+            yield
+
+    def claim(self) -> Claim:
+        """A shard scheduler's claim on one of the host's slots, until its download is over."""
+        self.taken += 1
+        return Claim(self)
+
+    def busy(self) -> bool:
+        """Whether a download taken now would have to wait: as many downloads of this host are
+        taken and not done as it has slots, or ``turn`` would make it wait. A download taken while
+        the host is not busy is deferred only if something changed meanwhile (another download
+        ran), so a deferred download is never taken again at once in a loop."""
+        return self.taken >= self.limit or self._would_wait()
+
+    def _would_wait(self) -> bool:
+        full = self._waiters is not None and self._waiters.locked()
+        return full or max(self.next_start, self.paused_until) > time.monotonic()
 
     def _check(self, deadline: float) -> None:
         if self.given_up is not None:
@@ -200,6 +219,18 @@ class HostGate:
             self.given_up = f"host given up after {self.failures} failures in a row (the last: {error})"
 
 
+class Claim:
+    """A download taken for a host and not over yet; ``release()`` gives it back (once)."""
+
+    def __init__(self, gate: HostGate) -> None:
+        self._gate: HostGate | None = gate
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.taken -= 1
+            self._gate = None
+
+
 class Politeness:
     """Every host's gate and robots.txt, for one process's run. Not thread-safe: used from the HTTP
     client's event loop only."""
@@ -214,7 +245,7 @@ class Politeness:
         self.interval = min_request_interval
         self.failure_limit = host_failure_limit
         self._gates: dict[str, HostGate] = {}
-        self._robots: dict[tuple[str, str, str], tuple[float, asyncio.Future[RobotsRules]]] = {}
+        self._robots: dict[tuple[str, str], tuple[float, asyncio.Future[RobotsRules]]] = {}
         self.rng = random.Random()
 
     def gate(self, host: str) -> HostGate:
@@ -223,30 +254,25 @@ class Politeness:
             gate = self._gates[host] = HostGate(self.limit, self.interval)
         return gate
 
-    def gates(self) -> dict[str, HostGate]:
-        return self._gates
-
     async def robots(self, origin: str, host: str, token: str, fetch: RobotsFetch) -> RobotsRules:
-        """The origin's robots.txt for ``token``, fetched once per run (concurrent callers share the
-        one download), through ``fetch(url) -> (status or None, body or error)``."""
-        key = (origin, host, token)
+        """The origin's robots.txt for ``token``, fetched once per run through ``fetch(url) ->
+        (status or None, body or error)``. The download is a task of its own that every caller
+        waits on: a caller that goes away (its shard cancelled) does not cancel it for the others."""
+        key = (origin, token)
         now = time.monotonic()
         hit = self._robots.get(key)
-        if hit is not None and hit[0] > now:
-            return await asyncio.shield(hit[1])
-        future: asyncio.Future[RobotsRules] = asyncio.get_running_loop().create_future()
-        self._robots[key] = (now + ROBOTS_TTL, future)
-        try:
-            rules = await self._fetch_robots(origin, token, fetch)
-        except BaseException as err:
-            future.set_exception(err)
-            future.exception()  # retrieved: the callers that wait on it get it too
-            del self._robots[key]
-            raise
-        future.set_result(rules)
+        if hit is None or hit[0] <= now:
+            task = asyncio.ensure_future(self._fetch_robots(origin, token, fetch))
+            task.add_done_callback(lambda done: self._learned(key, host, done))
+            hit = self._robots[key] = (now + ROBOTS_TTL, task)
+        return await asyncio.shield(hit[1])
+
+    def _learned(self, key: tuple[str, str], host: str, done: asyncio.Future[RobotsRules]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self._robots.pop(key, None)  # the next sample asks again
+            return
         gate = self.gate(host)
-        gate.interval = max(gate.interval, rules.crawl_delay)
-        return rules
+        gate.interval = max(gate.interval, done.result().crawl_delay)
 
     async def _fetch_robots(self, origin: str, token: str, fetch: RobotsFetch) -> RobotsRules:
         status, body = await fetch(f"{origin}/robots.txt")

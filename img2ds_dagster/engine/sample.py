@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,11 +78,18 @@ class SampleWorker:
         self.keep_bytes = settings.image.disable_all_reencoding
         self.respect_xmp = settings.fetch.respect_xmp_data_mining
 
-    async def run(self, task: SampleTask) -> Outcome:
-        """Runs on the fetcher's event loop."""
+    async def run(
+        self, task: SampleTask, downloaded: Callable[[], None] | None = None, defer: bool = False
+    ) -> Outcome:
+        """Runs on the fetcher's event loop; ``downloaded`` is called once the download is over (the
+        image work follows). With ``defer``, Deferred (polite.py) if the host would make it wait."""
         if not task.url:
             return Outcome("failed_to_download", "empty URL")
-        fetched = await self.fetcher.fetch_async(task.url)
+        try:
+            fetched = await self.fetcher.fetch_async(task.url, defer)
+        finally:
+            if downloaded is not None:
+                downloaded()
         if fetched.data is None:
             return Outcome(
                 "failed_to_download",

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
@@ -22,8 +23,8 @@ import pyarrow as pa
 
 from ..errors import ConfigError, ShardError
 from .cpu import CpuPool, Spool, default_cpu_threads
-from .fetch import Fetcher, HttpClient
-from .polite import DEFAULT_CONNECTIONS_PER_HOST, DEFAULT_HOST_FAILURE_LIMIT, Politeness
+from .fetch import Fetcher, HttpClient, host_of
+from .polite import DEFAULT_CONNECTIONS_PER_HOST, DEFAULT_HOST_FAILURE_LIMIT, Claim, Deferred, Politeness
 from .runtime import objects_spared_by_gc, prepare_process
 from .sample import Outcome, SampleTask, SampleWorker, metadata_row, sample_tasks
 from .settings import DownloadSettings, OutputFormat, sample_key
@@ -33,6 +34,8 @@ from .storage import remove, remove_leftovers, write_json_atomic
 from .writers import Sample, ShardTarget, metadata_schema, open_writer
 
 log = logging.getLogger(__name__)
+# How far past the first task not taken a downloader looks for one whose host need not wait.
+_LOOKAHEAD = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,26 +100,43 @@ class ShardResult:
 
 @dataclass(frozen=True, slots=True)
 class Shared:
-    """What the shards built at once share: the pool that processes the images, and the HTTP client
-    with its connections and per-host politeness."""
+    """What the shards built at once share: the pool that processes the images, the HTTP client with
+    its connections and per-host politeness, and the slots of the shards taking new downloads."""
 
     cpu: CpuPool
     client: HttpClient
+    taking: threading.Semaphore | None = None  # parallel_shards of them; None: no limit
+
+
+class _Once:
+    """A callable that calls ``action`` the first time only."""
+
+    def __init__(self, action: Callable[[], object]) -> None:
+        self._action: Callable[[], object] | None = action
+
+    def __call__(self) -> None:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """A shard's place among the shards built at once: its lane in the CPU pool's order
+    (``CpuPool.lane()``), and what to call once all its downloads are taken (its last ones may still
+    be under way: the next shard can start)."""
+
+    lane: int
+    all_taken: Callable[[], object] | None = None
 
 
 def build_shard(
-    staging: Staging,
-    job: ShardJob,
-    workers: Workers,
-    shared: Shared | None = None,
-    *,
-    lane: int | None = None,
+    staging: Staging, job: ShardJob, workers: Workers, shared: Shared | None = None, turn: Turn | None = None
 ) -> ShardResult:
     """Download and write one shard of a staged table; its stats file is written last.
 
-    Without ``shared`` the shard has a CPU pool and an HTTP client of its own. ``lane`` is the shard's
-    place in the pool's order (``CpuPool.lane()``; by default a new lane, after every shard queued
-    before).
+    Without ``shared`` the shard has a CPU pool and an HTTP client of its own; without ``turn``, a
+    new lane, after every shard queued before.
     """
     prepare_process()
     table, shard_id = job.table, job.shard_id
@@ -144,8 +164,10 @@ def build_shard(
         cpu, client = shared.cpu, shared.client
         spool = stack.enter_context(contextlib.closing(Spool(workers.spool_dir)))
         fetcher = Fetcher(settings.fetch, client)
-        worker = SampleWorker(settings, fetcher, spool, cpu, cpu.lane() if lane is None else lane)
-        outcomes = fetcher.run(_download(worker, sample_tasks(rows, settings), workers.thread_count))
+        turn = turn or Turn(cpu.lane())
+        worker = SampleWorker(settings, fetcher, spool, cpu, turn.lane)
+        tasks = sample_tasks(rows, settings)
+        outcomes = fetcher.run(_download(worker, tasks, workers.thread_count, turn.all_taken))
         for outcome in outcomes:
             stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited, outcome.opt_out)
         samples = _samples(shard_id, rows, outcomes, spool, settings)
@@ -170,17 +192,60 @@ def build_shard(
     )
 
 
-async def _download(worker: SampleWorker, tasks: Sequence[SampleTask], in_flight: int) -> list[Outcome]:
+async def _download(
+    worker: SampleWorker,
+    tasks: Sequence[SampleTask],
+    in_flight: int,
+    all_taken: Callable[[], object] | None = None,
+) -> list[Outcome]:
     """Every task's outcome, in order, with at most ``in_flight`` of them under way at once.
+
+    Each downloader takes the first task not taken yet, unless its host would make it wait (as many
+    of its downloads taken as it has connection slots, paused after a 429, its next start not due):
+    then it looks a little further for a task of another host, so that one busy host does not hold
+    downloaders idle while other hosts could be served. The outcomes are placed by row whatever the
+    order they came in, so the shard is the same.
 
     An unexpected error (a bug, not a failed download or image: those are outcomes) cancels the
     other downloads and is raised as it is, which fails the shard."""
     outcomes: list[Outcome | None] = [None] * len(tasks)
-    indexes = iter(range(len(tasks)))  # shared: each index is taken by one of the downloaders
+    gates = [worker.fetcher.gate(host_of(task.url)) for task in tasks]
+    taken = bytearray(len(tasks))
+    first = 0  # every task before it is taken
+
+    def take() -> tuple[int, Claim, bool] | None:
+        """The next task, its claim on its host, and whether it may be put off (only when it was
+        chosen over others: one that is all there is waits for its host)."""
+        nonlocal first
+        while first < len(tasks) and taken[first]:
+            first += 1
+        if first == len(tasks):
+            if all_taken is not None:
+                all_taken()
+            return None
+        chosen, looked, index, free = first, 0, first, False
+        while index < len(tasks) and looked < _LOOKAHEAD:
+            if not taken[index]:
+                if not gates[index].busy():
+                    chosen, free = index, True
+                    break
+                looked += 1
+            index += 1
+        taken[chosen] = 1
+        return chosen, gates[chosen].claim(), free
 
     async def downloader() -> None:
-        for index in indexes:
-            outcomes[index] = await worker.run(tasks[index])
+        nonlocal first
+        while (next_task := take()) is not None:
+            index, claim, may_defer = next_task
+            try:
+                outcomes[index] = await worker.run(tasks[index], claim.release, may_defer)
+            except Deferred:  # its host became busy meanwhile: back in the queue, another one now
+                taken[index] = 0
+                first = min(first, index)
+                await asyncio.sleep(0)  # and let the others run before choosing again
+            finally:
+                claim.release()
 
     try:
         async with asyncio.TaskGroup() as group:
@@ -236,14 +301,19 @@ def build_shards(
     """
     prepare_process()
     staging = Staging(staging_root)
+    # parallel_shards shards take new downloads at once; a shard whose downloads are all taken (its
+    # last, slowest ones under way: a host that makes it wait) lets the next one start, in a thread
+    # of its own, so that a slow host at the end of a shard does not leave the cores idle.
+    taking = threading.Semaphore(max(1, workers.parallel_shards))
+    threads = max(1, min(len(jobs), 4 * workers.parallel_shards))
     with (
         objects_spared_by_gc(),
         CpuPool(workers.cpu_slots) as cpu,
         HttpClient(workers.politeness()) as client,
-        ThreadPoolExecutor(max(1, min(workers.parallel_shards, len(jobs))), "img2ds-shard") as pool,
+        ThreadPoolExecutor(threads, "img2ds-shard") as pool,
     ):
         # Lanes in job order: the shards finish one after another, in the order they were asked for.
-        shared = Shared(cpu, client)
+        shared = Shared(cpu, client, taking)
         futures = {pool.submit(_guarded, staging, job, workers, shared, cpu.lane()): job for job in jobs}
         for future in as_completed(futures):
             yield futures[future], future.result()
@@ -252,11 +322,16 @@ def build_shards(
 def _guarded(
     staging: Staging, job: ShardJob, workers: Workers, shared: Shared, lane: int
 ) -> ShardResult | ShardError:
+    if shared.taking is not None:
+        shared.taking.acquire()
+    done_taking = _Once(shared.taking.release if shared.taking is not None else lambda: None)
     try:
-        return build_shard(staging, job, workers, shared, lane=lane)
+        return build_shard(staging, job, workers, shared, Turn(lane, done_taking))
     # A shard's failure is reported against that shard; the run's other shards carry on.
     except Exception as err:
         return _shard_error(job, err)
+    finally:
+        done_taking()
 
 
 def _shard_error(job: ShardJob, err: BaseException) -> ShardError:

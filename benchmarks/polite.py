@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.corpus import corpus_dir, load_corpus, url_rows
 from benchmarks.measure import run_measured
-from benchmarks.server import _stop, ensure_nginx, free_port
+from benchmarks.server import _answers, _stop, ensure_nginx, free_port
 from benchmarks.side_by_side import ROOT, SETTLE_SECONDS, command, ensure_img2dataset, outcome
 
 DISALLOWED = "/img/001/"
@@ -157,27 +157,17 @@ def serve_hosts(corpus: Path, hosts: int) -> Iterator[tuple[int, Path, dict[int,
         )
         try:
             deadline = time.monotonic() + 10
-            while proc.poll() is None and time.monotonic() < deadline and not _reachable(port):
+            while (
+                proc.poll() is None
+                and time.monotonic() < deadline
+                and not _answers(port, address(0), "/robots.txt")
+            ):
                 time.sleep(0.05)
             if proc.poll() is not None:
                 raise RuntimeError((prefix / "error.log").read_text())
             yield port, prefix / "access.log", plan
         finally:
             _stop(proc)
-
-
-def _reachable(port: int) -> bool:
-    import http.client
-
-    conn = http.client.HTTPConnection(address(0), port, timeout=1)
-    try:
-        conn.request("GET", "/robots.txt")
-        conn.getresponse().read()
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def url_list(corpus: Path, port: int, hosts: int, count: int, out: Path) -> list[int]:
@@ -237,12 +227,20 @@ def refusals(out: Path) -> dict[str, int]:
     return dict(sorted(found.items()))
 
 
-def disallowed_downloaded(out: Path) -> int:
-    """Successes whose URL robots.txt disallows (img2dataset does not read it)."""
+def disallowed_downloaded(out: Path, plan: dict[int, dict[str, Any]]) -> int:
+    """Successes that the hosts' robots.txt disallow (img2dataset does not read it): the disallowed
+    path on the hosts whose robots.txt names it, and everything on the host whose robots.txt is a
+    503."""
+    refusing = {
+        address(h) for h, p in plan.items() if isinstance(p["robots"], str) and "Disallow" in p["robots"]
+    }
+    closed = {address(h) for h, p in plan.items() if p["robots"] == 503}
     count = 0
     for path in out.glob("*.parquet"):
-        table = pq.read_table(path, columns=["url", "status"]).to_pylist()
-        count += sum(1 for r in table if r["status"] == "success" and DISALLOWED in r["url"])
+        for row in pq.read_table(path, columns=["url", "status"]).to_pylist():
+            host = row["url"].split("/")[2].split(":")[0]
+            disallowed = host in closed or (host in refusing and DISALLOWED in row["url"])
+            count += row["status"] == "success" and disallowed
     return count
 
 
@@ -305,7 +303,7 @@ def main() -> int:
                     "images_per_second": counts["success"] / measured.wall_seconds,
                     "rows_per_second": sum(counts.values()) / measured.wall_seconds,
                     "opt_outs": refusals(out),
-                    "robots_disallowed_downloaded": disallowed_downloaded(out),
+                    "robots_disallowed_downloaded": disallowed_downloaded(out, plan),
                     "server": server_view(log_lines(log, offset)),
                 }
                 runs.append(run)

@@ -154,10 +154,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _answers(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+def _answers(port: int, host: str = "127.0.0.1", path: str = "/") -> bool:
+    conn = http.client.HTTPConnection(host, port, timeout=1)
     try:
-        conn.request("GET", "/")
+        conn.request("GET", path)
         conn.getresponse().read()
         return True
     except OSError:

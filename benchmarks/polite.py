@@ -150,11 +150,21 @@ def serve_hosts(corpus: Path, hosts: int) -> Iterator[tuple[int, Path, dict[int,
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf = prefix / "nginx.conf"
         conf.write_text(CONFIG.format(user=user, prefix=prefix, servers="".join(servers)))
-        proc = subprocess.Popen(
-            [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        command = [
+            nginx,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:  # a killed benchmark takes its nginx along (as server.py does)
+            command = [setpriv, "--pdeathsig", "QUIT", *command]
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             deadline = time.monotonic() + 10
             while (

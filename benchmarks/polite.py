@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -41,7 +40,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.corpus import corpus_dir, load_corpus, url_rows
 from benchmarks.measure import run_measured
-from benchmarks.server import _answers, _stop, ensure_nginx, free_port
+from benchmarks.server import _answers, _stop, ensure_nginx, free_port, launch, root_user
 from benchmarks.side_by_side import ROOT, SETTLE_SECONDS, command, ensure_img2dataset, outcome
 
 DISALLOWED = "/img/001/"
@@ -147,24 +146,7 @@ def serve_hosts(corpus: Path, hosts: int) -> Iterator[tuple[int, Path, dict[int,
             servers.append(
                 SERVER.format(address=address(h), port=port, root=corpus, robots=rule, limit=limit)
             )
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        conf = prefix / "nginx.conf"
-        conf.write_text(CONFIG.format(user=user, prefix=prefix, servers="".join(servers)))
-        command = [
-            nginx,
-            "-p",
-            str(prefix),
-            "-c",
-            str(conf),
-            "-e",
-            str(prefix / "error.log"),
-            "-g",
-            "daemon off;",
-        ]
-        setpriv = shutil.which("setpriv")
-        if setpriv is not None:  # a killed benchmark takes its nginx along (as server.py does)
-            command = [setpriv, "--pdeathsig", "QUIT", *command]
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = launch(nginx, prefix, CONFIG.format(user=root_user(), prefix=prefix, servers="".join(servers)))
         try:
             deadline = time.monotonic() + 10
             while (

@@ -198,10 +198,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _start(nginx: str, root: Path, prefix: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
+    conf = CONFIG.format(user=root_user(), workers=workers, prefix=prefix, port=port, root=root)
+    return launch(nginx, prefix, conf)
+
+
+def root_user() -> str:
+    """As root, nginx would run its workers as "nobody", who may not be allowed to read the corpus."""
+    return "user root;\n" if os.geteuid() == 0 else ""
+
+
+def launch(nginx: str, prefix: Path, config: str) -> subprocess.Popen[bytes]:
+    """nginx in the foreground with ``config`` (written to ``prefix``), its error log in ``prefix``."""
     conf = prefix / "nginx.conf"
-    # As root, nginx would run its workers as "nobody", who may not be allowed to read the corpus.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    conf.write_text(CONFIG.format(user=user, workers=workers, prefix=prefix, port=port, root=root))
+    conf.write_text(config)
     # A new session: signals sent to the caller's terminal group do not reach nginx, and nginx's
     # workers share a group that can be stopped as one.
     command = [
@@ -220,11 +229,7 @@ def _start(nginx: str, root: Path, prefix: Path, port: int, workers: int) -> sub
         # If this process dies without stopping nginx, the kernel sends the master SIGQUIT (a graceful
         # stop that takes the workers along), so a killed benchmark leaves no server behind.
         command = [setpriv, "--pdeathsig", "QUIT", *command]
-    return subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 @contextlib.contextmanager

@@ -28,14 +28,13 @@ def run_download(options: dict[str, Any]) -> None:
 
 
 def run_dagster_assets(options: dict[str, Any]) -> None:
-    """url_tables, then every shard in runs of MAX_SHARDS_PER_RUN, as the backfill daemon groups
+    """url_tables, then every shard in runs of shards_per_run(), as the backfill daemon groups
     them, on a persistent sqlite instance; download() is not involved."""
     import dagster as dg
 
     from img2ds_dagster.api import INSTANCE_YAML
-    from img2ds_dagster.defs.partitions import shard_keys
+    from img2ds_dagster.defs.partitions import shard_keys, shards_per_run
     from img2ds_dagster.defs.resources import StorageResource, WorkersResource
-    from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN
     from img2ds_dagster.runner import AssetRunner
 
     output = Path(options.pop("output_folder"))
@@ -61,7 +60,7 @@ def run_dagster_assets(options: dict[str, Any]) -> None:
             manifest = runner.stage_table(
                 "bench", {**options, "source": url_list, "output_folder": str(output)}
             )
-            outcome = runner.build_shards(shard_keys(manifest), max_per_run=MAX_SHARDS_PER_RUN)
+            outcome = runner.build_shards(shard_keys(manifest), max_per_run=shards_per_run())
             if outcome.failed:
                 raise SystemExit(f"failed shards: {outcome.failed}")
 

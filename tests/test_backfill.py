@@ -23,22 +23,26 @@ from imageserver import ImageServer
 
 from img2ds_dagster.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SHARDS, URL_TABLES
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
-from img2ds_dagster.defs.shards import MAX_SHARDS_PER_RUN, shards
+from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
 
 pytestmark = pytest.mark.slow
 
 ROWS_PER_SHARD = 2
+SHARDS_PER_RUN = 4
 
 
 @pytest.fixture
 def daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[dg.DagsterInstance, WorkspaceProcessContext]]:
-    """An instance whose runs execute inline, and the code location served from the test's folder."""
-    # Before the code server starts: it and the runs resolve the location's data/ paths from here.
+    """An instance whose runs execute inline, and the code location served from the test's folder,
+    with backfill runs of up to SHARDS_PER_RUN shards."""
+    # Before the code server starts: it and the runs resolve the location's data/ paths from here,
+    # and its backfill policy reads the runs' size when it loads the code location.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMG2DS_SHARDS_PER_RUN", str(SHARDS_PER_RUN))
     with (
         dg.instance_for_test(synchronous_run_launcher=True, synchronous_run_coordinator=True) as instance,
         daemon_workspace(instance) as ctx,
@@ -110,10 +114,9 @@ def test_backfill_of_missing_shards_groups_them_into_runs(
 
     assert statuses(instance, keys) == dict.fromkeys(keys, dg.AssetPartitionStatus.MATERIALIZED)
     runs = backfill_runs(instance, backfill_id)
-    # The BackfillPolicy: runs of at most MAX_SHARDS_PER_RUN contiguous keys, as few as fit.
-    assert len(runs) == -(-len(keys) // MAX_SHARDS_PER_RUN)
+    # The BackfillPolicy: runs of at most IMG2DS_SHARDS_PER_RUN contiguous keys, as few as fit.
     covered = [run_keys(instance, run) for run in runs]
-    assert all(len(c) <= MAX_SHARDS_PER_RUN for c in covered)
+    assert sorted(len(c) for c in covered) == [2, 4, 4]
     assert sorted(k for c in covered for k in c) == keys
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
     assert_outputs(tmp_path, "t", keys)

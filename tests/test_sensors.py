@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 import time
 from collections import Counter
@@ -24,10 +25,17 @@ from dagster_support import daemon_workspace, sensor_cursors, statuses, tick_sen
 from imageserver import ImageServer
 
 from img2ds_dagster.defs.inbox import drop_config
-from img2ds_dagster.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, SHARDS, URL_TABLES, shard_keys
+from img2ds_dagster.defs.partitions import (
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    SHARDS,
+    URL_TABLES,
+    shard_keys,
+    shards_per_run,
+)
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.sensors import new_shards_sensor, url_drop_sensor
-from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, MAX_SHARDS_PER_RUN, shards
+from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
 from img2ds_dagster.errors import ConfigError
@@ -271,7 +279,10 @@ def requested_ranges(instance: dg.DagsterInstance, outcome: SensorOutcome) -> li
     return ranges
 
 
-def test_new_shards_sensor_requests_each_staged_shard_in_ranges(tmp_path: Path) -> None:
+def test_new_shards_sensor_requests_each_staged_shard_in_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IMG2DS_SHARDS_PER_RUN", "4")  # read at each tick
     with dg.instance_for_test() as instance:
         assert isinstance(shards_tick(instance, tmp_path, None), dg.SkipReason)
         stage(instance, tmp_path, "t", rows=20)
@@ -281,8 +292,7 @@ def test_new_shards_sensor_requests_each_staged_shard_in_ranges(tmp_path: Path) 
         first = shards_tick(instance, tmp_path, None)
         ranges = requested_ranges(instance, first)
         assert [k for r in ranges for k in r] == keys  # every shard once, in order
-        assert all(len(r) <= MAX_SHARDS_PER_RUN for r in ranges)
-        assert len(ranges) == -(-len(keys) // MAX_SHARDS_PER_RUN)
+        assert [len(r) for r in ranges] == [4, 4, 2]
         assert isinstance(first, dg.SensorResult)
         assert {r.tags["img2ds/table"] for r in first.run_requests or []} == {"t"}
         assert isinstance(shards_tick(instance, tmp_path, first.cursor), dg.SkipReason)
@@ -412,7 +422,7 @@ def test_a_dropped_file_becomes_a_dataset_through_the_sensor_daemon(
         assert statuses(instance, keys) == dict.fromkeys(keys, dg.AssetPartitionStatus.MATERIALIZED)
         runs = [record.dagster_run for record in instance.get_run_records()]
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
-        # One run per sensor: the 3 shards fit in one run (MAX_SHARDS_PER_RUN), and the stats are
+        # One run per sensor: the 3 shards fit in one run (IMG2DS_SHARDS_PER_RUN), and the stats are
         # refreshed once, after them.
         assert sorted(run.tags.get("dagster/sensor_name", "") for run in runs) == [
             "download_stats_sensor",
@@ -454,3 +464,12 @@ def test_a_dropped_file_becomes_a_dataset_through_the_sensor_daemon(
         with tarfile.open(dataset / f"{name}.tar") as tar:
             members.update(member.name.rsplit(".", 1)[1] for member in tar.getmembers())
     assert members == dict.fromkeys(("jpg", "json", "txt"), statuses_in["success"])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "2.5"])
+def test_a_bad_shards_per_run_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("IMG2DS_SHARDS_PER_RUN", value)
+    with pytest.raises(ConfigError, match=f"IMG2DS_SHARDS_PER_RUN='{re.escape(value)}': expected a whole"):
+        shards_per_run()

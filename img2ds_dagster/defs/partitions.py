@@ -6,12 +6,14 @@ Everything that makes or reads a key (assets, sensors, ``download()``, the demo)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import dagster as dg
 
 from ..engine.shard import ShardJob
 from ..engine.sources import TableManifest
+from ..errors import ConfigError
 
 URL_TABLES = "url_tables"
 SHARDS = "shards"
@@ -21,6 +23,26 @@ shards_partitions = dg.DynamicPartitionsDefinition(name=SHARDS)
 # A run tagged with both covers the shards from the first key to the last, in registration order.
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+
+SHARDS_PER_RUN_VARIABLE = "IMG2DS_SHARDS_PER_RUN"
+# On one machine a run builds two shards at a time and starts the next as one finishes, so a run
+# of 32 keeps the cores busy for as long as a backfill of 32 separate runs would, without their
+# process start-ups (seconds each) and without a short last run after every eighth shard: on the
+# 64-host benchmark (benchmarks/polite.py) the 10 shards as one run went as fast as download(),
+# and as runs of 8 and 2, 8% slower. A cluster wants hundreds per run (deploy/README.md).
+DEFAULT_SHARDS_PER_RUN = 32
+
+
+def shards_per_run() -> int:
+    """How many shards a backfill run or a sensor's run covers at most: IMG2DS_SHARDS_PER_RUN, read
+    where the code location loads (the backfill policy is fixed there) and at each sensor tick."""
+    raw = os.environ.get(SHARDS_PER_RUN_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_SHARDS_PER_RUN
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{SHARDS_PER_RUN_VARIABLE}={raw!r}: expected a whole number of shards, 1 or more")
+    return int(raw)
 
 
 def shard_key(table: str, shard_name: str) -> str:

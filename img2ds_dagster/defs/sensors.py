@@ -19,9 +19,9 @@ from ..config import UrlTableConfig
 from ..engine.sources import Staging, table_key
 from ..errors import Img2dsError, InputTableError, StagingMissingError
 from .inbox import DropCursor, S3DropCursor, drop_config, list_s3_inbox
-from .partitions import SHARDS, contiguous_ranges, range_tags, url_tables_partitions
+from .partitions import SHARDS, contiguous_ranges, range_tags, shards_per_run, url_tables_partitions
 from .resources import S3InboxResource, StorageResource
-from .shards import MAX_SHARDS_PER_RUN, built_from_staging, shards
+from .shards import built_from_staging, shards
 from .url_tables import url_tables
 
 
@@ -140,7 +140,8 @@ def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, U
     target=[shards],
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=f"Builds the shards of each newly staged table, up to {MAX_SHARDS_PER_RUN} shards per run; "
+    description="Builds the shards of each newly staged table, up to IMG2DS_SHARDS_PER_RUN shards per run "
+    f"(here {shards_per_run()}); "
     "for a table staged again, only the shards whose rows changed.",
 )
 def new_shards_sensor(
@@ -158,6 +159,7 @@ def new_shards_sensor(
     # A table staged twice since the last tick gets its shards once, for its latest staging.
     latest = {record.partition_key or "": record for record in result.records}
     requests = []
+    per_run = shards_per_run()
     staging = storage.staging_area()
     for table, record in latest.items():
         # A table staged again (a new version of its file) rebuilds only the shards whose rows changed.
@@ -168,7 +170,7 @@ def new_shards_sensor(
         wanted = [k for k in ordered if k.startswith(table + "/") and k not in unchanged]
         if unchanged:
             context.log.info(f"{table}: {len(unchanged)} shards have the same rows as before and are kept")
-        for first, last in contiguous_ranges(ordered, wanted, MAX_SHARDS_PER_RUN):
+        for first, last in contiguous_ranges(ordered, wanted, per_run):
             requests.append(
                 dg.RunRequest(
                     run_key=f"{table}@{record.storage_id}:{first}",

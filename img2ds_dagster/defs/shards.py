@@ -1,5 +1,6 @@
 """``shards``: one partition per shard. A run builds one or several shards (a backfill groups up to
-``MAX_SHARDS_PER_RUN`` of them) and records one materialization per shard as each finishes."""
+``shards_per_run()`` of them, IMG2DS_SHARDS_PER_RUN) and records one materialization per shard as
+each finishes."""
 
 # No `from __future__ import annotations` here: Dagster reads the parameter annotations of the
 # decorated functions (context, config, resources) at definition time and needs real types.
@@ -13,12 +14,9 @@ import dagster as dg
 from ..engine.shard import ShardResult, build_shards
 from ..engine.sources import TableManifest
 from ..errors import ConfigError, ShardError
-from .partitions import shard_job, shard_keys, shards_partitions
+from .partitions import shard_job, shard_keys, shards_partitions, shards_per_run
 from .resources import StorageResource, WorkersResource
 from .url_tables import url_tables
-
-MAX_SHARDS_PER_RUN = 8
-
 
 # BackfillPolicy is a beta parameter in Dagster 1.13; we rely on it on purpose (several shards per
 # backfill run), so its warning is silenced here rather than shown to every user at import.
@@ -31,7 +29,7 @@ with warnings.catch_warnings():
         # an empty specific mapping keeps the lineage edge without a per-partition dependency. A bare
         # dependency would infer an identity mapping, and every backfill would then fail.
         deps=[dg.AssetDep(url_tables, partition_mapping=dg.SpecificPartitionsPartitionMapping([]))],
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=MAX_SHARDS_PER_RUN),
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run()),
         retry_policy=dg.RetryPolicy(
             max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
         ),

@@ -105,7 +105,7 @@ class Comparison:
 
 
 # Keys img2ds_dagster adds to a shard's stats file (the README's differences table says so).
-OUR_STATS_KEYS = {"retry_waits", "retry_wait_seconds", "opt_outs"}
+OUR_STATS_KEYS = {"retry_waits", "retry_wait_seconds", "opt_outs", "worker"}
 
 
 def run(tool: str, options: dict[str, Any], out: Path, img2dataset_python: Path) -> None:

@@ -26,10 +26,10 @@ from .defs.partitions import shard_keys
 from .defs.resources import StorageResource, WorkersResource
 from .defs.stats import collect_stats
 from .engine.runtime import prepare_process
-from .engine.settings import EncodeFormat, Interpolation, OutputFormat, ResizeMode
+from .engine.settings import DistributorName, EncodeFormat, Interpolation, OutputFormat, ResizeMode
 from .engine.shard import Workers
 from .engine.sources import TableManifest, list_input_files, table_key
-from .engine.storage import absolute, local_path, remove
+from .engine.storage import absolute, join, local_path, remove
 from .errors import ConfigError, ShardError
 from .runner import AssetRunner, ShardsOutcome
 
@@ -59,13 +59,6 @@ class DownloadReport:
 
 
 IncrementalMode = Literal["incremental", "overwrite", "extend"]
-Distributor = Literal["multiprocessing", "pyspark", "ray"]
-_DISTRIBUTION = (
-    "img2ds_dagster does not distribute work with {name}: it is Dagster's job. One machine: "
-    "download() or `dagster dev` (processes_count/thread_count set the parallelism). Several machines: "
-    "the deploy/ profile, where Dagster's run launcher (ECS or Kubernetes) starts shard runs as "
-    "separate tasks or pods and the shards asset's pool limits how many run at once"
-)
 # The per-table options' defaults, which are the engine's (config.py): the signature below reads them
 # from here, so a default is written once.
 _D = DownloadConfig()
@@ -99,7 +92,7 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     oom_shard_count: int = _D.oom_shard_count,
     compute_hash: str | None = _D.compute_hash,
     verify_hash: list[str] | None = None,
-    distributor: Distributor = "multiprocessing",
+    distributor: DistributorName = "multiprocessing",
     subjob_size: int = 1000,
     retries: int = _D.retries,
     disable_all_reencoding: bool = _D.disable_all_reencoding,
@@ -123,6 +116,10 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     max_connections_per_host: int = _W.max_connections_per_host,
     min_request_interval: float = _W.min_request_interval,
     host_failure_limit: int = _W.host_failure_limit,
+    ray_address: str | None = None,
+    spark_master: str | None = None,
+    task_retries: int = _W.task_retries,
+    shared_filesystem: bool = _W.shared_filesystem,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
@@ -138,7 +135,7 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     state = _state_folder(output_folder)
     storage = StorageResource(
         inbox=str(state / "inbox"),
-        staging=str(state / "staging"),
+        staging=_staging_folder(output_folder, state, distributor),
         datasets=output_folder,
         stats_file=str(state / "download_stats.json"),
     )
@@ -151,6 +148,10 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
         max_connections_per_host=max_connections_per_host,
         min_request_interval=min_request_interval,
         host_failure_limit=host_failure_limit,
+        distributor=distributor,
+        cluster=ray_address if distributor == "ray" else spark_master,
+        task_retries=task_retries,
+        shared_filesystem=shared_filesystem,
     )
     with _instance(state) as instance:
         runner = AssetRunner(instance, {"storage": storage, "workers": workers})
@@ -267,19 +268,18 @@ def _check_run_options(arguments: Mapping[str, Any]) -> None:
             "with DAGSTER_HOME=<output_folder>/.img2ds/dagster to see each shard's run, logs and "
             "metadata, and the download_stats asset (also written to .img2ds/download_stats.json)"
         )
-    distributor = arguments["distributor"]
-    if distributor in ("pyspark", "ray"):
-        raise ConfigError(f"distributor={distributor!r}: " + _DISTRIBUTION.format(name=distributor))
-    _require_one_of("distributor", distributor, Distributor)
+    _require_one_of("distributor", arguments["distributor"], DistributorName)
     _require_one_of("incremental_mode", arguments["incremental_mode"], IncrementalMode)
     if arguments["max_shard_retry"] < 0:
         raise ConfigError("max_shard_retry: must be 0 or more")
     if arguments["subjob_size"] < 1:
         raise ConfigError("subjob_size: must be at least 1")
-    Workers(  # its own checks of the politeness options
+    Workers(  # its own checks of the politeness and cluster options
         max_connections_per_host=arguments["max_connections_per_host"],
         min_request_interval=arguments["min_request_interval"],
         host_failure_limit=arguments["host_failure_limit"],
+        distributor=arguments["distributor"],
+        task_retries=arguments["task_retries"],
     )
 
 
@@ -346,6 +346,15 @@ def _state_folder(output_folder: str) -> Path:
         return Path(local) / STATE_FOLDER
     digest = hashlib.sha256(output_folder.encode()).hexdigest()[:16]
     return Path(os.path.expanduser("~/.cache/img2ds_dagster")) / digest
+
+
+def _staging_folder(output_folder: str, state: Path, distributor: DistributorName) -> str:
+    """Where the URL files' rows are staged: in the state folder, which is local; for a cluster
+    writing to an object store, next to the dataset (``<output_folder>/.img2ds/staging``), where
+    the cluster's workers can read them."""
+    if distributor != "multiprocessing" and local_path(output_folder) is None:
+        return join(output_folder, STATE_FOLDER, "staging")
+    return str(state / "staging")
 
 
 def _instance(state: Path) -> dg.DagsterInstance:

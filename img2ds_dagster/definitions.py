@@ -2,11 +2,14 @@
 
 Storage paths can be moved without editing code: IMG2DS_INBOX, IMG2DS_STAGING and IMG2DS_DATASETS
 (fsspec URLs, s3:// included; relative paths are relative to the project folder). IMG2DS_S3_INBOX
-(``s3://bucket/prefix/``) adds ``s3_url_drop_sensor`` on that prefix. S3 credentials and endpoint come
-from the standard AWS variables (see the README, "S3 and other storage").
+(``s3://bucket/prefix/``) adds ``s3_url_drop_sensor`` on that prefix. IMG2DS_DISTRIBUTOR ("ray",
+"pyspark") and IMG2DS_CLUSTER send each run's shards to a cluster; IMG2DS_SHARDS_PER_RUN sizes runs.
+S3 credentials and endpoint come from the standard AWS variables (see the README, "S3 and other
+storage").
 """
 
 import os
+from typing import Any
 
 import dagster as dg
 
@@ -19,6 +22,11 @@ from .engine.runtime import prepare_process
 
 prepare_process()  # this module is the code location's entry point, in every Dagster process
 S3_INBOX = os.environ.get("IMG2DS_S3_INBOX")
+# Checked by the resource (a bad distributor name stops the code location from loading, named).
+CLUSTER: dict[str, Any] = {
+    "distributor": os.environ.get("IMG2DS_DISTRIBUTOR") or "multiprocessing",
+    "cluster": os.environ.get("IMG2DS_CLUSTER") or None,
+}
 
 defs = dg.Definitions(
     assets=[url_tables, shards, download_stats],
@@ -35,7 +43,9 @@ defs = dg.Definitions(
             staging=os.environ.get("IMG2DS_STAGING", "data/staging"),
             datasets=os.environ.get("IMG2DS_DATASETS", "data/datasets"),
         ),
-        "workers": WorkersResource(),
+        # Where a run builds its shards: in its own process, or on a Ray or Spark cluster
+        # (deploy/README.md, "A run's shards on a cluster").
+        "workers": WorkersResource(**CLUSTER),
         "s3": s3_resource(),
         **({"s3_inbox": S3InboxResource(url=S3_INBOX)} if S3_INBOX else {}),
     },

@@ -16,10 +16,10 @@ import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
-import img2ds_dagster.engine.shard as engine_shard
 from img2ds_dagster import download
 from img2ds_dagster.api import fresh_names
 from img2ds_dagster.defs.shards import recorded_fingerprints
+from img2ds_dagster.engine import distribute
 from img2ds_dagster.errors import ConfigError, InputTableError, ShardError
 
 FAST = {"thread_count": 8, "timeout": 2}
@@ -169,20 +169,20 @@ def test_a_failed_shard_is_reported_and_retried_alone_on_the_next_call(
     paths = [f"/gen/{40 + i}x30.jpg?retry=1" for i in range(6)]
     url_list = write_url_file(tmp_path / "urls.txt", [server.url(p) for p in paths])
     args = {"url_list": str(url_list), "output_folder": str(tmp_path / "out"), "number_sample_per_shard": 2}
-    real_build = engine_shard.build_shard
+    real_build = distribute.build_shard
 
     def disk_full_on_shard_1(staging, job, *args, **kwargs):  # type: ignore[no-untyped-def]
         if job.shard_id == 1:
             raise OSError(28, "No space left on device")
         return real_build(staging, job, *args, **kwargs)
 
-    monkeypatch.setattr(engine_shard, "build_shard", disk_full_on_shard_1)
+    monkeypatch.setattr(distribute, "build_shard", disk_full_on_shard_1)
     with pytest.raises(ShardError, match=r"1 of 3 shards could not be built \(urls/00001\)"):
         download(**args, **FAST)  # type: ignore[arg-type]
     assert not (tmp_path / "out" / "00001_stats.json").exists()
     assert (tmp_path / "out" / "00002_stats.json").exists()
 
-    monkeypatch.setattr(engine_shard, "build_shard", real_build)
+    monkeypatch.setattr(distribute, "build_shard", real_build)
     hits = {p: server.hits[p] for p in paths}
     report = download(**args, **FAST)  # type: ignore[arg-type]
     assert report.shards_built == ["urls/00001"]

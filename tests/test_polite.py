@@ -19,11 +19,12 @@ import pytest
 from conftest import write_url_file
 from imageserver import ImageServer
 
+from img2ds_dagster.engine.distribute import build_shards
 from img2ds_dagster.engine.fetch import Fetcher, FetchResult, HttpClient
 from img2ds_dagster.engine.polite import Politeness
 from img2ds_dagster.engine.sample import xmp_data_mining_prohibition
 from img2ds_dagster.engine.settings import DownloadSettings, FetchSettings
-from img2ds_dagster.engine.shard import ShardJob, Workers, build_shards
+from img2ds_dagster.engine.shard import ShardJob, Workers
 from img2ds_dagster.engine.sources import Staging
 
 

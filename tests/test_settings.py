@@ -72,6 +72,10 @@ OWN_OPTIONS = {
     "max_connections_per_host": 16,
     "min_request_interval": 0.0,
     "host_failure_limit": 8,
+    "ray_address": None,
+    "spark_master": None,
+    "task_retries": 3,
+    "shared_filesystem": False,
 }
 
 
@@ -138,7 +142,7 @@ def test_bad_values_name_the_option(flags: dict[str, object], message: str) -> N
     ("option", "message"),
     [
         ({"enable_wandb": True}, "enable_wandb: img2ds_dagster reports to Dagster"),
-        ({"distributor": "pyspark"}, "distributor='pyspark': .* run launcher"),
+        ({"task_retries": -1}, "task_retries: must be 0 or more"),
         ({"distributor": "dask"}, "distributor: 'dask' is not one of"),
         ({"incremental_mode": "append"}, "incremental_mode: 'append' is not one of"),
         ({"max_shard_retry": -1}, "max_shard_retry: must be 0 or more"),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import socket
 import tarfile
 import threading
 import time
@@ -15,11 +17,12 @@ import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
+from img2ds_dagster.engine import distribute
 from img2ds_dagster.engine import sample as sample_module
-from img2ds_dagster.engine import shard as shard_module
 from img2ds_dagster.engine.cpu import CpuPool
+from img2ds_dagster.engine.distribute import build_shards
 from img2ds_dagster.engine.settings import DownloadSettings
-from img2ds_dagster.engine.shard import ShardJob, ShardResult, Workers, build_shard, build_shards
+from img2ds_dagster.engine.shard import ShardJob, ShardResult, Workers, build_shard
 from img2ds_dagster.engine.sources import Staging, TableManifest
 from img2ds_dagster.errors import ShardError
 
@@ -84,8 +87,9 @@ def test_every_row_appears_once_with_its_status(server: ImageServer, tmp_path: P
     assert list(stats) == [
         *("count", "successes", "failed_to_download", "failed_to_resize"),
         *("duration", "start_time", "end_time", "status_dict"),
-        *("retry_waits", "retry_wait_seconds", "opt_outs"),  # ours, after img2dataset's keys
+        *("retry_waits", "retry_wait_seconds", "opt_outs", "worker"),  # ours, after img2dataset's keys
     ]
+    assert stats["worker"] == f"{socket.gethostname()} pid {os.getpid()}"  # built in this process
     assert (stats["count"], stats["successes"]) == (len(urls), len(GOOD_IMAGES))
     assert stats["status_dict"]["success"] == len(GOOD_IMAGES)
     assert stats["status_dict"]["HTTP Error 404: Not Found"] == 1
@@ -204,11 +208,11 @@ def test_shards_built_together_take_lanes_in_job_order(
     )
     lanes: dict[int, int | None] = {}
 
-    def recording(*args: Any) -> ShardResult:
-        lanes[args[1].shard_id] = args[4].lane
-        return build_shard(*args)
+    def recording(*args: Any, **kwargs: Any) -> ShardResult:
+        lanes[args[1].shard_id] = kwargs["turn"].lane
+        return build_shard(*args, **kwargs)
 
-    monkeypatch.setattr(shard_module, "build_shard", recording)
+    monkeypatch.setattr(distribute, "build_shard", recording)
     jobs = [ShardJob("t", i) for i in (2, 0, 1)]
     results = dict(build_shards(staging.root, jobs, Workers(thread_count=4, parallel_shards=3)))
     assert not [r for r in results.values() if isinstance(r, ShardError)]
@@ -223,11 +227,11 @@ def _freeze_counts_during_build(
     staging, _ = stage(tmp_path, urls, output_format="webdataset", number_sample_per_shard=len(urls) // 2)
     counts: list[int] = []
 
-    def recording(*args: Any) -> ShardResult:
+    def recording(*args: Any, **kwargs: Any) -> ShardResult:
         counts.append(gc.get_freeze_count())
-        return build_shard(*args)
+        return build_shard(*args, **kwargs)
 
-    monkeypatch.setattr(shard_module, "build_shard", recording)
+    monkeypatch.setattr(distribute, "build_shard", recording)
     results = dict(build_shards(staging.root, [ShardJob("t", 0), ShardJob("t", 1)], Workers(thread_count=4)))
     assert not [r for r in results.values() if isinstance(r, ShardError)]
     return counts

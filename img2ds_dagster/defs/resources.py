@@ -16,6 +16,7 @@ import dagster as dg
 import fsspec
 import pydantic
 
+from ..engine.settings import DistributorName
 from ..engine.shard import Workers
 from ..engine.sources import INPUT_FORMATS, Staging, table_key
 from ..engine.storage import join
@@ -92,9 +93,11 @@ _WORKERS = Workers()
 
 
 class WorkersResource(dg.ConfigurableResource):
-    """Parallelism of shard runs. It changes speed, never the output, so it is not part of a table's
-    settings and can differ between the runs of one table. A run is one process: its threads use
-    every core; run more runs at once (dagster.yaml) to use more machines."""
+    """Parallelism of shard runs, and where their shards are built. It changes speed, never the
+    output, so it is not part of a table's settings and can differ between the runs of one table.
+    With the default distributor a run is one process, whose threads use every core; run more runs
+    at once (dagster.yaml) to use more machines, or send each run's shards to a Ray or Spark cluster
+    (``distributor`` and ``cluster``; deploy/README.md)."""
 
     # The engine's defaults (engine/shard.py's Workers says what each one is).
     thread_count: int = _WORKERS.thread_count
@@ -104,6 +107,10 @@ class WorkersResource(dg.ConfigurableResource):
     max_connections_per_host: int = _WORKERS.max_connections_per_host
     min_request_interval: float = _WORKERS.min_request_interval
     host_failure_limit: int = _WORKERS.host_failure_limit
+    distributor: DistributorName = _WORKERS.distributor
+    cluster: str | None = _WORKERS.cluster
+    task_retries: int = _WORKERS.task_retries
+    shared_filesystem: bool = _WORKERS.shared_filesystem
 
     def workers(self) -> Workers:
         return Workers(
@@ -114,6 +121,10 @@ class WorkersResource(dg.ConfigurableResource):
             max_connections_per_host=self.max_connections_per_host,
             min_request_interval=self.min_request_interval,
             host_failure_limit=self.host_failure_limit,
+            distributor=self.distributor,
+            cluster=self.cluster,
+            task_retries=self.task_retries,
+            shared_filesystem=self.shared_filesystem,
         )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import dagster as dg
 
-from ..engine.shard import ShardResult, build_shards
+from ..engine.distribute import build_shards
+from ..engine.shard import ShardResult
 from ..engine.sources import TableManifest
 from ..errors import ConfigError, ShardError
 from .partitions import shard_job, shard_keys, shards_partitions, shards_per_run
@@ -136,6 +137,8 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "duration_seconds": dg.MetadataValue.float(round(s.duration, 2)),
         "output": dg.MetadataValue.path(f"{result.output_folder}/{result.name}"),
         "output_format": dg.MetadataValue.text(result.output_format),
+        # Where it was built: this process, or a Ray node or Spark executor.
+        "worker": dg.MetadataValue.text(s.worker),
         # What download() and new_shards_sensor compare with the table's staging (built_from_staging).
         **({INPUT_FINGERPRINT: dg.MetadataValue.text(fingerprint)} if fingerprint else {}),
     }

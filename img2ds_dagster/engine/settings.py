@@ -22,11 +22,14 @@ Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "ar
 EncodeFormat = Literal["jpg", "png", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet", "tfrecord", "dummy"]
 HashType = Literal["md5", "sha256", "sha512"]
+# Where shards are built (distribute.py); img2dataset's three names.
+DistributorName = Literal["multiprocessing", "ray", "pyspark"]
 RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
 INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
 ENCODE_FORMATS: tuple[EncodeFormat, ...] = get_args(EncodeFormat)
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
 HASH_TYPES: tuple[HashType, ...] = get_args(HashType)
+DISTRIBUTORS: tuple[DistributorName, ...] = get_args(DistributorName)
 # img2dataset's four, and noml (the opt-out some sites send for machine learning in particular).
 DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex", "noml")
 

@@ -1,6 +1,6 @@
 """One shard: download its rows, ``thread_count`` at a time, process what arrives on the CPU pool,
 then write the samples in key order through one writer, in the commit order that keeps a half-written
-shard from ever looking complete. ``build_shards`` builds several, ``parallel_shards`` at a time.
+shard from ever looking complete. ``distribute.py`` builds several, here or on a cluster.
 
 Within a shard the downloads share the fetcher's event loop (one thread for all of them) and the
 image work runs on ``cpu.CpuPool``, in calls that release the GIL, so one process keeps every core
@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -25,9 +25,9 @@ from ..errors import ConfigError, ShardError
 from .cpu import CpuPool, Spool, default_cpu_threads
 from .fetch import Fetcher, HttpClient, host_of
 from .polite import DEFAULT_CONNECTIONS_PER_HOST, DEFAULT_HOST_FAILURE_LIMIT, Claim, Deferred, Politeness
-from .runtime import objects_spared_by_gc, prepare_process
+from .runtime import prepare_process
 from .sample import Outcome, SampleTask, SampleWorker, metadata_row, sample_tasks
-from .settings import DownloadSettings, OutputFormat, sample_key
+from .settings import DISTRIBUTORS, DistributorName, DownloadSettings, OutputFormat, sample_key
 from .sources import Staging
 from .stats import ShardStats, stats_path
 from .storage import remove, remove_leftovers, write_json_atomic
@@ -54,10 +54,25 @@ class Workers:
     max_connections_per_host: int = DEFAULT_CONNECTIONS_PER_HOST
     min_request_interval: float = 0.0
     host_failure_limit: int = DEFAULT_HOST_FAILURE_LIMIT
+    # Where the shards are built (distribute.py): "multiprocessing" is this process; "ray" and
+    # "pyspark" send each shard to a cluster, at ``cluster`` (a Ray address, "local" for a Ray of
+    # this machine, or a Spark master URL; unset: RAY_ADDRESS, or the active SparkSession), with
+    # ``task_retries`` more tries of a shard whose worker or node died. Local paths are refused on a
+    # cluster of several nodes unless ``shared_filesystem`` says every node mounts them.
+    distributor: DistributorName = "multiprocessing"
+    cluster: str | None = None
+    task_retries: int = 3
+    shared_filesystem: bool = False
 
     def __post_init__(self) -> None:
-        # Checked where the shards are built: the folder may exist only on the machines that run them.
-        if self.spool_dir is not None and not os.path.isdir(self.spool_dir):
+        if self.distributor not in DISTRIBUTORS:
+            raise ConfigError(f"distributor: {self.distributor!r} is not one of {list(DISTRIBUTORS)}")
+        if self.task_retries < 0:
+            raise ConfigError("task_retries: must be 0 or more")
+        # Checked here when the shards are built in this process; a cluster's machines may have
+        # folders this one has not.
+        local = self.distributor == "multiprocessing"
+        if local and self.spool_dir is not None and not os.path.isdir(self.spool_dir):
             raise ConfigError(f"workers.spool_dir: {self.spool_dir!r} is not a folder on this machine")
         if self.max_connections_per_host < 1:
             raise ConfigError("max_connections_per_host: must be at least 1")
@@ -108,18 +123,6 @@ class Shared:
     taking: threading.Semaphore | None = None  # parallel_shards of them; None: no limit
 
 
-class _Once:
-    """A callable that calls ``action`` the first time only."""
-
-    def __init__(self, action: Callable[[], object]) -> None:
-        self._action: Callable[[], object] | None = action
-
-    def __call__(self) -> None:
-        action, self._action = self._action, None
-        if action is not None:
-            action()
-
-
 @dataclass(frozen=True, slots=True)
 class Turn:
     """A shard's place among the shards built at once: its lane in the CPU pool's order
@@ -130,13 +133,20 @@ class Turn:
     all_taken: Callable[[], object] | None = None
 
 
-def build_shard(
-    staging: Staging, job: ShardJob, workers: Workers, shared: Shared | None = None, turn: Turn | None = None
+def build_shard(  # noqa: PLR0913 - the last three are keyword-only, each with its default
+    staging: Staging,
+    job: ShardJob,
+    workers: Workers,
+    *,
+    shared: Shared | None = None,
+    turn: Turn | None = None,
+    where: str | None = None,
 ) -> ShardResult:
     """Download and write one shard of a staged table; its stats file is written last.
 
     Without ``shared`` the shard has a CPU pool and an HTTP client of its own; without ``turn``, a
-    new lane, after every shard queued before.
+    new lane, after every shard queued before. ``where`` names where it is built, for its stats
+    (default: this host and process).
     """
     prepare_process()
     table, shard_id = job.table, job.shard_id
@@ -156,7 +166,7 @@ def build_shard(
     )
     # What a process killed while writing this shard left behind (its temporary files).
     remove_leftovers(target.folder, name)
-    stats = ShardStats(start_time=time.time())
+    stats = ShardStats(start_time=time.time(), worker=where or this_process())
     with contextlib.ExitStack() as stack:
         if shared is None:
             cpu = stack.enter_context(CpuPool(workers.cpu_slots))
@@ -190,6 +200,10 @@ def build_shard(
         bytes_written,
         manifest.fingerprint(shard_id),
     )
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 async def _download(
@@ -290,53 +304,3 @@ def _write(
     stats.end_time = time.time()
     write_json_atomic(stats_file, stats.to_json(), target.spool_dir)
     return bytes_written
-
-
-def build_shards(
-    staging_root: str, jobs: Sequence[ShardJob], workers: Workers
-) -> Iterator[tuple[ShardJob, ShardResult | ShardError]]:
-    """Build several shards, ``parallel_shards`` at a time; yields each as it finishes.
-
-    A shard that fails is yielded as a ShardError naming it, and the others go on.
-    """
-    prepare_process()
-    staging = Staging(staging_root)
-    # parallel_shards shards take new downloads at once; a shard whose downloads are all taken (its
-    # last, slowest ones under way: a host that makes it wait) lets the next one start, in a thread
-    # of its own, so that a slow host at the end of a shard does not leave the cores idle.
-    taking = threading.Semaphore(max(1, workers.parallel_shards))
-    threads = max(1, min(len(jobs), 4 * workers.parallel_shards))
-    with (
-        objects_spared_by_gc(),
-        CpuPool(workers.cpu_slots) as cpu,
-        HttpClient(workers.politeness()) as client,
-        ThreadPoolExecutor(threads, "img2ds-shard") as pool,
-    ):
-        # Lanes in job order: the shards finish one after another, in the order they were asked for.
-        shared = Shared(cpu, client, taking)
-        futures = {pool.submit(_guarded, staging, job, workers, shared, cpu.lane()): job for job in jobs}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-
-
-def _guarded(
-    staging: Staging, job: ShardJob, workers: Workers, shared: Shared, lane: int
-) -> ShardResult | ShardError:
-    if shared.taking is not None:
-        shared.taking.acquire()
-    done_taking = _Once(shared.taking.release if shared.taking is not None else lambda: None)
-    try:
-        return build_shard(staging, job, workers, shared, Turn(lane, done_taking))
-    # A shard's failure is reported against that shard; the run's other shards carry on.
-    except Exception as err:
-        return _shard_error(job, err)
-    finally:
-        done_taking()
-
-
-def _shard_error(job: ShardJob, err: BaseException) -> ShardError:
-    if isinstance(err, ShardError):
-        return err
-    wrapped = ShardError(f"shard {job}: {type(err).__name__}: {err}")
-    wrapped.__cause__ = err
-    return wrapped

@@ -38,8 +38,10 @@ class ShardStats:
     # Not in img2dataset's file: the waits before retries (Retry-After, backoff), count and seconds.
     retry_waits: int = 0
     retry_wait_seconds: float = 0.0
-    # Not in img2dataset's file either: the samples each kind of site signal refused (fetch.py).
+    # Not in img2dataset's file either: the samples each kind of site signal refused (fetch.py),
+    # and where the shard was built (the host and process, or the cluster's node or executor).
     opt_outs: Counter[str] = field(default_factory=Counter)
+    worker: str = ""
 
     def add(
         self, status: str, error: str | None, waits: int = 0, waited: float = 0.0, opt_out: str | None = None
@@ -79,6 +81,7 @@ class ShardStats:
             "retry_waits": self.retry_waits,
             "retry_wait_seconds": round(self.retry_wait_seconds, 3),
             "opt_outs": dict(sorted(self.opt_outs.items())),
+            "worker": self.worker,
         }
 
 

@@ -26,11 +26,11 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 SHARDS_PER_RUN_VARIABLE = "IMG2DS_SHARDS_PER_RUN"
-# On one machine a run builds two shards at a time and starts the next as one finishes, so a run
-# of 32 keeps the cores busy for as long as a backfill of 32 separate runs would, without their
-# process start-ups (seconds each) and without a short last run after every eighth shard: on the
-# 64-host benchmark (benchmarks/polite.py) the 10 shards as one run went as fast as download(),
-# and as runs of 8 and 2, 8% slower. A cluster wants hundreds per run (deploy/README.md).
+# A run the daemon launches costs a process start and a load of the code location (2 to 5 s, as
+# measured for the design), and planning it reads every shard partition key: fewer, bigger runs
+# are cheaper. One machine's run builds two shards at a time and starts the next as one finishes,
+# so a run of 32 keeps the cores busy as well as 32 runs would. A cluster wants hundreds per run
+# (deploy/README.md).
 DEFAULT_SHARDS_PER_RUN = 32
 
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.corpus import corpus_dir, load_corpus, url_rows
 from benchmarks.measure import run_measured
+from benchmarks.polite import COMMON
 from benchmarks.server import _cpu_seconds, _nginx_pids, _serve
 from benchmarks.side_by_side import ROOT, SETTLE_SECONDS, command, outcome
 
@@ -72,19 +73,6 @@ def main() -> int:
     work = Path(args.work) / "distributors"
     work.mkdir(parents=True, exist_ok=True)
     names = args.distributors.split(",")
-    common = {
-        "image_size": 256,
-        "resize_mode": "border",
-        "output_format": "webdataset",
-        "encode_format": "jpg",
-        "encode_quality": 95,
-        "number_sample_per_shard": 1000,
-        "processes_count": 2,
-        "thread_count": 64,
-        "input_format": "parquet",
-        "caption_col": "caption",
-        "timeout": 10,
-    }
     runs: list[dict[str, Any]] = []
     with _serve(corpus, 0, 1) as (base, nginx):
         rows = url_rows(load_corpus(corpus), base, args.count)
@@ -97,7 +85,7 @@ def main() -> int:
                 os.sync()
                 time.sleep(SETTLE_SECONDS)
                 options = {
-                    **common,
+                    **COMMON,
                     **DISTRIBUTORS[name],
                     "distributor": name,
                     "url_list": str(urls),

@@ -61,6 +61,20 @@ TOOLS = {  # name -> (the command's tool, its options on top of the common ones)
     "on_uncapped": ("download", {"max_connections_per_host": 100_000}),
 }
 DEFAULT_TOOLS = "img2dataset,off,on,dagster_on"
+# The options every tool gets (distributors.py uses them too).
+COMMON: dict[str, Any] = {
+    "image_size": 256,
+    "resize_mode": "border",
+    "output_format": "webdataset",
+    "encode_format": "jpg",
+    "encode_quality": 95,
+    "number_sample_per_shard": 1000,
+    "processes_count": 2,
+    "thread_count": 64,
+    "input_format": "parquet",
+    "caption_col": "caption",
+    "timeout": 10,
+}
 
 CONFIG = """\
 {user}worker_processes 1;
@@ -262,19 +276,6 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     names = args.tools.split(",")
     python = ensure_img2dataset(Path(args.img2dataset_venv)) if "img2dataset" in names else Path()
-    common = {
-        "image_size": 256,
-        "resize_mode": "border",
-        "output_format": "webdataset",
-        "encode_format": "jpg",
-        "encode_quality": 95,
-        "number_sample_per_shard": 1000,
-        "processes_count": 2,
-        "thread_count": 64,
-        "input_format": "parquet",
-        "caption_col": "caption",
-        "timeout": 10,
-    }
     runs: list[dict[str, Any]] = []
     rate_limited = tuple(int(h) for h in args.rate_limited.split(",") if h)
     with serve_hosts(corpus, args.hosts, rate_limited) as (port, log, plan):
@@ -289,7 +290,7 @@ def main() -> int:
                 os.sync()
                 time.sleep(SETTLE_SECONDS)
                 offset = log.stat().st_size if log.exists() else 0
-                options = {**common, **extra, "url_list": str(urls), "output_folder": str(out)}
+                options = {**COMMON, **extra, "url_list": str(urls), "output_folder": str(out)}
                 env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
                 measured = run_measured(command(tool, options, python), env=env, cwd=ROOT.parent)
                 if measured.returncode != 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -43,6 +44,9 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SparkSession]:
     with s3_for_clusters(), pytest.MonkeyPatch.context() as env:
         env.setenv("SPARK_LOCAL_IP", "127.0.0.1")  # the master, the worker and the executors on loopback
         env.setenv("SPARK_WORKER_DIR", str(tmp_path_factory.mktemp("spark-work")))
+        # The executors' Python: this one, which has the package (python3 on the PATH may not).
+        # PySpark reads it when the context starts; spark.pyspark.python is spark-submit's.
+        env.setenv("PYSPARK_PYTHON", sys.executable)
         session = (
             SparkSession.builder.master("local-cluster[2,1,1024]")
             .appName("img2ds-tests")

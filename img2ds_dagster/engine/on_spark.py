@@ -52,8 +52,10 @@ def _session(master: str | None, task_retries: int) -> SparkSession:
     )
     if master:
         builder = builder.master(master)
-    if "PYSPARK_PYTHON" not in os.environ:  # the executors run this Python, which has this package
-        builder = builder.config("spark.pyspark.python", sys.executable)
+    # The executors run this Python, which has this package. PySpark takes the executors' Python
+    # from this variable when the context starts (spark.pyspark.python is read by spark-submit only);
+    # a cluster whose machines have it elsewhere sets PYSPARK_PYTHON itself.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     return builder.getOrCreate()
 
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_url_file
 
+from img2ds_dagster.engine import sources
 from img2ds_dagster.engine.settings import DownloadSettings
 from img2ds_dagster.engine.sources import (
     INPUT_FORMATS,
@@ -200,3 +201,42 @@ def test_a_manifest_staged_without_fingerprints_still_reads(tmp_path: Path) -> N
     del data["fingerprints"]
     older = TableManifest.from_dict(data)
     assert (older.fingerprints, older.fingerprint(0)) == ([], None)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "tsv.gz", "jsonl", "json", "parquet"])
+def test_staging_by_batches_cuts_the_same_shards_as_a_whole_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Batches of 7 rows (CSV and JSON blocks of 256 bytes) and shards of 5: shards span batches."""
+    monkeypatch.setattr(sources, "BATCH_ROWS", 7)
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 256)
+    urls = [f"http://example.com/{i}.jpg" for i in range(103)]
+    path = write_url_file(tmp_path / f"t.{fmt}", urls, captions=[f"caption {i}" for i in range(103)])
+    flags = settings(caption_col=None if fmt == "txt" else "caption", number_sample_per_shard=5)
+    staging = Staging(str(tmp_path / "staging"))
+    manifest = staging.stage("t", str(path), flags, str(tmp_path / "out"))
+    if fmt != "json":  # a JSON array is one batch; the others are read many batches at a time
+        assert len(list(sources.read_batches(str(path), flags))) > 2
+    whole = sources.read_table(str(path), flags)
+    expected = [sources.input_fingerprint(whole.slice(i, 5)) for i in range(0, 103, 5)]
+    assert (manifest.row_count, manifest.shard_count, manifest.fingerprints) == (103, 21, expected)
+    assert manifest.columns == whole.column_names
+    shard = staging.shard_rows("t", manifest.shard_name(20))
+    assert shard.column("url").to_pylist() == urls[100:]
+
+
+def test_a_column_whose_type_changes_further_down_is_read_again_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pyarrow's CSV reader fixes each column's type from its first block: "rank" reads as numbers
+    # there, and the text further down cannot be converted. The file is then read whole.
+    monkeypatch.setattr(sources, "_BLOCK_BYTES", 256)
+    lines = ["url,rank"] + [f"http://example.com/{i}.jpg,{i}" for i in range(50)] + ["http://x/a.jpg,top"]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    flags = settings(save_additional_columns=["rank"], number_sample_per_shard=10)
+    manifest = Staging(str(tmp_path / "staging")).stage("t", str(path), flags, str(tmp_path / "out"))
+    assert (manifest.row_count, manifest.shard_count) == (51, 6)
+    rows = Staging(str(tmp_path / "staging")).shard_rows("t", manifest.shard_name(5)).to_pylist()
+    assert rows == [{"url": "http://x/a.jpg", "rank": "top"}]
+    assert "read again whole" in caplog.text

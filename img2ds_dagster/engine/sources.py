@@ -4,15 +4,16 @@ validate them, and stage them as one parquet file of input rows per shard plus a
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 import logging
-import math
 import re
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import fsspec
@@ -23,11 +24,16 @@ import pyarrow.parquet as pq
 
 from ..errors import InputTableError, StagingMissingError
 from .settings import DownloadSettings, shard_name
-from .storage import absolute, join, read_json, write_bytes_atomic, write_json_atomic
+from .storage import absolute, join, local_path, read_json, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "table.json"
+# Threads writing shards: on an object store each write is a round trip, and 16 keep it busy; on a
+# local disk 2 are as fast, and each thread holds its own compression and allocator memory: staging
+# 10M rows peaked at 492 MB with 16 and 286 MB with 2 (benchmarks/staging_memory.py).
+_STORE_WRITERS = 16
+_LOCAL_WRITERS = 2
 
 
 def _read_txt(f: IO[bytes]) -> pa.Table:
@@ -73,6 +79,59 @@ READERS: dict[str, Callable[[IO[bytes]], pa.Table]] = {
 }
 INPUT_FORMATS = tuple([*READERS, *(f"{name}.gz" for name in READERS if name != "parquet")])
 
+# Staging reads a file this many rows at a time, so that its memory does not grow with the file.
+BATCH_ROWS = 65_536
+_BLOCK_BYTES = 8 << 20  # what pyarrow's CSV and JSON readers parse at a time
+
+
+def _stream_txt(f: IO[bytes]) -> Iterator[pa.Table]:
+    urls: list[str] = []
+    text = io.TextIOWrapper(f, encoding="utf-8-sig")
+    try:
+        for line in text:
+            url = line.strip()
+            if url:
+                urls.append(url)
+            if len(urls) == BATCH_ROWS:
+                yield pa.table({"url": pa.array(urls, pa.string())})
+                urls = []
+    finally:
+        text.detach()  # the file is its opener's to close
+    if urls:
+        yield pa.table({"url": pa.array(urls, pa.string())})
+
+
+def _stream_arrow(reader: Any) -> Iterator[pa.Table]:
+    for batch in reader:
+        yield pa.Table.from_batches([batch])
+
+
+def _stream_csv(f: IO[bytes], delimiter: str = ",") -> Iterator[pa.Table]:
+    read = pa_csv.ReadOptions(block_size=_BLOCK_BYTES)
+    parse = pa_csv.ParseOptions(delimiter=delimiter)
+    yield from _stream_arrow(pa_csv.open_csv(f, read_options=read, parse_options=parse))
+
+
+def _stream_parquet(f: IO[bytes]) -> Iterator[pa.Table]:
+    yield from _stream_arrow(pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS))
+
+
+# The formats staging reads by batches; a JSON array is parsed whole (json.load), as before.
+STREAMS: dict[str, Callable[[IO[bytes]], Iterator[pa.Table]]] = {
+    "txt": _stream_txt,
+    "csv": _stream_csv,
+    "tsv": lambda f: _stream_csv(f, "\t"),
+    "jsonl": lambda f: _stream_arrow(
+        pa_json.open_json(f, read_options=pa_json.ReadOptions(block_size=_BLOCK_BYTES))
+    ),
+    "parquet": _stream_parquet,
+}
+
+
+class _StreamBroken(Exception):
+    """A batch after the first could not be read as the first ones were (a column whose type
+    changes further down a CSV or JSON file): the file is read again, whole."""
+
 
 def input_format_of(path: str) -> str | None:
     """The input format named by a file's extension (``a.csv.gz`` -> ``csv.gz``), or None."""
@@ -106,29 +165,68 @@ def list_input_files(url_list: str, input_format: str) -> list[str]:
     return [url_list]
 
 
-def read_table(path: str, settings: DownloadSettings) -> pa.Table:
-    """Read a URL file and return its rows with img2dataset's column names and order.
-
-    The url column is renamed ``url``, the caption column ``caption``; extra columns keep their names.
-    """
-    source = settings.source
-    fmt = source.input_format or input_format_of(path)
+def _format(path: str, settings: DownloadSettings) -> str:
+    fmt = settings.source.input_format or input_format_of(path)
     if fmt is None:
         raise InputTableError(
             f"{path}: unknown input format; name the file *.csv, *.parquet, ... or set input_format"
         )
     if fmt not in INPUT_FORMATS:
         raise InputTableError(f"{path}: unsupported input_format {fmt!r}; supported: {list(INPUT_FORMATS)}")
-    reader = READERS[fmt.removesuffix(".gz")]
+    return fmt
+
+
+@contextlib.contextmanager
+def _opened(path: str, fmt: str) -> Iterator[IO[bytes]]:
     try:
         with fsspec.open(path, "rb") as raw:
-            stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if fmt.endswith(".gz") else raw
-            table = reader(stream)
+            yield cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if fmt.endswith(".gz") else raw
+    except InputTableError:  # about the rows read (a missing column): already says it all
+        raise
     except FileNotFoundError as err:
         raise InputTableError(f"{path}: no such file") from err
-    except (pa.ArrowInvalid, ValueError, OSError, UnicodeDecodeError, EOFError) as err:
+    except _READ_ERRORS as err:
         raise InputTableError(f"{path}: cannot read as {fmt}: {err}") from err
 
+
+_READ_ERRORS = (pa.ArrowInvalid, ValueError, OSError, UnicodeDecodeError, EOFError)
+
+
+def read_table(path: str, settings: DownloadSettings) -> pa.Table:
+    """Read a URL file and return its rows with img2dataset's column names and order.
+
+    The url column is renamed ``url``, the caption column ``caption``; extra columns keep their names.
+    """
+    fmt = _format(path, settings)
+    with _opened(path, fmt) as stream:
+        table = READERS[fmt.removesuffix(".gz")](stream)
+    return _shaped(path, fmt, table, settings)
+
+
+def read_batches(path: str, settings: DownloadSettings) -> Iterator[pa.Table]:
+    """The rows of a URL file as read_table gives them, BATCH_ROWS or so at a time (a JSON array:
+    all at once). _StreamBroken when a later batch cannot be read like the first ones."""
+    fmt = _format(path, settings)
+    stream = STREAMS.get(fmt.removesuffix(".gz"))
+    if stream is None:
+        yield read_table(path, settings)
+        return
+    with _opened(path, fmt) as f:
+        batches = stream(f)
+        first = next(batches, None)
+        if first is None:  # an empty file: read_table says what it has (its columns, or the error)
+            yield read_table(path, settings)
+            return
+        yield _shaped(path, fmt, first, settings)
+        try:
+            for batch in batches:
+                yield _shaped(path, fmt, batch, settings)
+        except _READ_ERRORS as err:
+            raise _StreamBroken(str(err)) from err
+
+
+def _shaped(path: str, fmt: str, table: pa.Table, settings: DownloadSettings) -> pa.Table:
+    source = settings.source
     if fmt.startswith("txt") and (source.verify_hash_col or source.bbox_col):
         option = "verify_hash" if source.verify_hash_col else "bbox_col"
         raise InputTableError(f"{path}: {option} needs a column, and a {fmt} file holds URLs only")
@@ -256,38 +354,77 @@ class Staging:
         output_folder: str,
         first_shard_id: int = 0,
     ) -> TableManifest:
-        """Read ``source``, write its shards' input rows, then the manifest (last, so that a
-        half-staged table never looks staged)."""
-        rows = read_table(source, settings)
-        size = settings.source.number_sample_per_shard
-        shard_count = math.ceil(rows.num_rows / size)
+        """Read ``source`` by batches, write its shards' input rows as each fills, then the
+        manifest (last, so that a half-staged table never looks staged). Memory holds a batch and
+        the shards being written, whatever the file's length."""
+        try:
+            rows, columns, fingerprints = self._write_shards(
+                table, read_batches(source, settings), settings, first_shard_id
+            )
+        except _StreamBroken as err:
+            log.warning("%s: read again whole, its later rows differ in type from its first: %s", source, err)
+            rows, columns, fingerprints = self._write_shards(
+                table, iter([read_table(source, settings)]), settings, first_shard_id
+            )
         manifest = TableManifest(
             table=table,
             source=source,
             input_format=settings.source.input_format or input_format_of(source) or "",
-            row_count=rows.num_rows,
-            columns=rows.column_names,
+            row_count=rows,
+            columns=columns,
             first_shard_id=first_shard_id,
-            shard_count=shard_count,
+            shard_count=len(fingerprints),
             output_folder=output_folder.rstrip("/"),
             settings=settings,
+            fingerprints=fingerprints,
         )
+        write_json_atomic(join(self.table_dir(table), MANIFEST_NAME), manifest.to_dict())
+        log.info("staged %s: %d rows in %d shards", table, rows, manifest.shard_count)
+        return manifest
 
-        def write_one(i: int) -> str:
-            name = manifest.shard_name(first_shard_id + i)
-            shard_rows = rows.slice(i * size, size)
+    def _write_shards(
+        self, table: str, batches: Iterator[pa.Table], settings: DownloadSettings, first_shard_id: int
+    ) -> tuple[int, list[str], list[str]]:
+        """Cut the batches into shards of number_sample_per_shard rows and write each; returns the
+        row count, the columns and each shard's input fingerprint, in order."""
+        size = settings.source.number_sample_per_shard
+        oom = settings.output.oom_shard_count
+        writers = _LOCAL_WRITERS if local_path(self.root) is not None else _STORE_WRITERS
+
+        def write_one(index: int, shard_rows: pa.Table) -> str:
             sink = pa.BufferOutputStream()
             pq.write_table(shard_rows, sink, compression="zstd")
-            write_bytes_atomic(self.shard_path(table, name), sink.getvalue().to_pybytes())
+            path = self.shard_path(table, shard_name(first_shard_id + index, oom))
+            write_bytes_atomic(path, sink.getvalue().to_pybytes())
             return input_fingerprint(shard_rows)
 
-        # Threads pay off on object stores, where each write is a round trip.
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            fingerprints = list(pool.map(write_one, range(shard_count)))
-        manifest = replace(manifest, fingerprints=fingerprints)
-        write_json_atomic(join(self.table_dir(table), MANIFEST_NAME), manifest.to_dict())
-        log.info("staged %s: %d rows in %d shards", table, rows.num_rows, shard_count)
-        return manifest
+        rows, columns = 0, list[str]()
+        pending: list[pa.Table] = []
+        pending_rows = 0
+        futures: list[Future[str]] = []
+        # At most 2 shards per thread wait, so that memory stays bounded when reading outpaces writing.
+        with ThreadPoolExecutor(max_workers=writers) as pool:
+
+            def submit(shard_rows: pa.Table) -> None:
+                in_flight = [f for f in futures if not f.done()]
+                if len(in_flight) >= 2 * writers:
+                    in_flight[0].result()
+                futures.append(pool.submit(write_one, len(futures), shard_rows))
+
+            for batch in batches:
+                if not columns:
+                    columns = batch.column_names
+                rows += batch.num_rows
+                pending.append(batch)
+                pending_rows += batch.num_rows
+                while pending_rows >= size:
+                    joined = pa.concat_tables(pending)
+                    submit(joined.slice(0, size))
+                    pending, pending_rows = [joined.slice(size)], pending_rows - size
+            if pending_rows:
+                submit(pa.concat_tables(pending))
+            fingerprints = [f.result() for f in futures]
+        return rows, columns, fingerprints
 
     def shard_rows(self, table: str, name: str) -> pa.Table:
         path = self.shard_path(table, name)

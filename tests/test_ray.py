@@ -5,6 +5,7 @@ download() run their shards there."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -29,10 +30,13 @@ from clusters import (
     workers_seen,
 )
 from conftest import write_url_file
+from dagster._core.execution.backfill import BulkActionStatus
+from dagster._core.storage.tags import BACKFILL_ID_TAG
+from dagster_support import add_asset_backfill, daemon_workspace, run_backfill_to_end, statuses
 from imageserver import ImageServer
 from ray.cluster_utils import Cluster
 
-from img2ds_dagster import download
+from img2ds_dagster import definitions, download
 from img2ds_dagster.defs.partitions import shard_keys
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.shards import shards
@@ -116,6 +120,54 @@ def test_the_shards_asset_records_each_shard_built_on_the_cluster(
         }
         assert set(workers_of) == set(keys)
         assert all(str(w).startswith("ray node ") for w in workers_of.values())
+
+
+def test_a_backfill_of_shards_through_the_daemon_runs_them_on_the_cluster(
+    cluster: tuple[Cluster, Any], server: ImageServer, tmp_path: Path
+) -> None:
+    """The code location configured for the cluster by its variables, a backfill as the UI makes it,
+    the backfill daemon's runs: each shard materialized, built on a Ray node."""
+    root = f"s3://{BUCKET}/backfill"
+    location = {
+        "IMG2DS_STAGING": f"{root}/staging",
+        "IMG2DS_DATASETS": f"{root}/out",
+        "IMG2DS_DISTRIBUTOR": "ray",
+        "IMG2DS_CLUSTER": cluster[0].address,
+        "IMG2DS_SHARDS_PER_RUN": "3",
+    }
+    urls = [server.url(f"/gen/64x48.jpg?backfill={i}") for i in range(10)]
+    source = write_url_file(tmp_path / "b.csv", urls)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.chdir(tmp_path)
+            for name, value in location.items():
+                env.setenv(name, value)
+            # The runs execute in this process, from the code location's module: loaded again with
+            # these variables (and again below without them, for the tests after this one).
+            importlib.reload(definitions)
+            backfill_on_the_cluster(source)
+    finally:
+        importlib.reload(definitions)
+
+
+def backfill_on_the_cluster(source: Path) -> None:
+    with (
+        dg.instance_for_test(synchronous_run_launcher=True, synchronous_run_coordinator=True) as instance,
+        daemon_workspace(instance) as ctx,
+    ):
+        runner = AssetRunner(instance, dict(definitions.defs.resources or {}))
+        keys = shard_keys(runner.stage_table("b", {"source": str(source), "number_sample_per_shard": 2}))
+        backfill_id = add_asset_backfill(ctx, shards.key, keys)
+        assert run_backfill_to_end(ctx, backfill_id) == BulkActionStatus.COMPLETED_SUCCESS
+        assert statuses(instance, keys) == dict.fromkeys(keys, dg.AssetPartitionStatus.MATERIALIZED)
+        runs = instance.get_run_records(filters=dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill_id}))
+        assert len(runs) == 2  # 5 shards, 3 per run
+        workers_of = [
+            record.asset_materialization.metadata["worker"].value  # type: ignore[union-attr]
+            for record in instance.fetch_materializations(shards.key, limit=100).records
+        ]
+        assert len(workers_of) == len(keys)
+        assert all(str(w).startswith("ray node ") for w in workers_of)
 
 
 def test_download_with_the_ray_distributor_to_s3(

@@ -16,7 +16,7 @@ overlap as they do on the internet. From nginx's access log, each run reports th
 once to one host, the busiest host's peak requests per second, and the 429s served; from the shards'
 stats, the samples each opt-out kind refused. "Off" is img2ds_dagster with every site signal but
 X-Robots-Tag (which img2dataset also honours) turned off and no cap per host below ``thread_count``;
-a 429's pause of its host cannot be turned off.
+the pause of a host that answers 429 twice in a row cannot be turned off.
 """
 
 from __future__ import annotations
@@ -107,9 +107,9 @@ http {{
 """
 LIMIT = "if ($limited) { add_header Retry-After 1 always; return 429; }"
 # The hosts (by rank: 0 has the most URLs) that answer 10% of their requests with a 429 and
-# Retry-After: 1, whatever the rate. Honouring that pauses the host for a second after each one, so
-# with at most max_connections_per_host downloads in flight such a host serves about that many
-# requests a second: on 10,000 URLs the 2nd and 6th hosts' ~760 requests set the run's length.
+# Retry-After: 1, whatever the rate. Two in a row pause the host for a second (about one answer in a
+# hundred); pausing it at each one held such a host to about max_connections_per_host requests a
+# second, and on 10,000 URLs the 2nd and 6th hosts' ~760 requests set the run's length.
 RATE_LIMITED = (1, 5)
 SERVER = """\
     server {{

@@ -1,6 +1,6 @@
 """Crawling like a good citizen, against real servers on loopback: robots.txt (RFC 9309) and its
 AI-usage lines, every opt-out signal of a response or an image, the per-host connection cap across
-shards, a 429 host backed off while others go on, a dead host given up, Crawl-delay."""
+shards, a host answering 429s in a row backed off while others go on, a dead host given up, Crawl-delay."""
 
 from __future__ import annotations
 
@@ -347,29 +347,60 @@ def test_the_connection_cap_per_host_holds_across_shards(site: tuple[Site, int],
     assert state.most_in_flight == 3  # reached, never passed, with 48 downloads wanting to go
 
 
-def test_a_host_that_answers_429_is_backed_off_while_others_go_on(site: tuple[Site, int]) -> None:
+def test_a_host_that_answers_429_twice_in_a_row_is_backed_off_while_others_go_on(
+    site: tuple[Site, int],
+) -> None:
     state, port = site
     state.statuses["/first.jpg"] = [429]  # with Retry-After: 2
+    state.statuses["/second.jpg"] = [429]
     later = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(3)]
     other = [f"http://localhost:{port}/other{i}.jpg" for i in range(3)]  # another host name
     with HttpClient() as client:
         fetcher = Fetcher(FetchSettings(timeout=5.0, retries=1), client)
 
         async def scenario() -> list[FetchResult]:
-            first = asyncio.ensure_future(fetcher.fetch_async(f"http://127.0.0.1:{port}/first.jpg"))
-            await asyncio.sleep(0.3)  # the 429 has come: the host is paused for 2 s
+            first = [
+                asyncio.ensure_future(fetcher.fetch_async(f"http://127.0.0.1:{port}/{name}.jpg"))
+                for name in ("first", "second")
+            ]
+            await asyncio.sleep(0.3)  # both 429s have come: the host is paused for 2 s
             rest = await asyncio.gather(*(fetcher.fetch_async(u) for u in [*later, *other]))
-            return [await first, *rest]
+            return [*(await asyncio.gather(*first)), *rest]
 
         results = client.run(scenario())
-    assert [r.error for r in results] == [None] * 7
-    (answered_429,) = [t for t, _, path in state.hits if path == "/first.jpg"][:1]
+    assert [r.error for r in results] == [None] * 8
+    answered_429 = max(
+        min(t for t, _, path in state.hits if path == p) for p in ("/first.jpg", "/second.jpg")
+    )
     later_starts = [
         t - answered_429 for t, host, path in state.hits if host.startswith("127.0.0.1") and path[1].isdigit()
     ]
     other_starts = [t - answered_429 for t, host, path in state.hits if path.startswith("/other")]
-    assert min(later_starts) >= 1.9  # held by the pause, though they came 0.3 s after the 429
+    assert min(later_starts) >= 1.9  # held by the pause, though they came 0.3 s after the 429s
     assert max(other_starts) < 1.0  # the other host was not held
+
+
+def test_a_429_alone_delays_its_own_retry_and_not_the_host(site: tuple[Site, int]) -> None:
+    state, port = site
+    state.statuses["/first.jpg"] = [429]  # with Retry-After: 2
+    later = [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(3)]
+    with HttpClient() as client:
+        fetcher = Fetcher(FetchSettings(timeout=5.0, retries=1), client)
+
+        async def scenario() -> list[FetchResult]:
+            first = asyncio.ensure_future(fetcher.fetch_async(f"http://127.0.0.1:{port}/first.jpg"))
+            await asyncio.sleep(0.3)
+            rest = await asyncio.gather(*(fetcher.fetch_async(u) for u in later))
+            return [await first, *rest]
+
+        results = client.run(scenario())
+    assert [r.error for r in results] == [None] * 4
+    assert (results[0].waits, results[0].waited) == (1, 2.0)
+    first_hits = [t for t, _, path in state.hits if path == "/first.jpg"]
+    assert len(first_hits) == 2
+    assert first_hits[1] - first_hits[0] >= 1.9  # its Retry-After
+    later_starts = [t - first_hits[0] for t, _, path in state.hits if path[1].isdigit()]
+    assert max(later_starts) < 1.0  # the host was not paused for the others
 
 
 def test_a_dead_host_stops_costing_time(tmp_path: Path) -> None:

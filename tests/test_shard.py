@@ -45,7 +45,7 @@ def stage(tmp_path: Path, urls: list[str], name: str = "t", **flags: object) -> 
 
 def test_the_waits_before_retries_are_in_the_stats(server: ImageServer, tmp_path: Path) -> None:
     urls = [server.url(f"/retry-after/1/1/gen/16x16.jpg?stats={i}") for i in range(2)]
-    # Too long: not waited for. (Another host name for the same server: a Retry-After pauses its host.)
+    # Too long: not waited for. (Another host name for the same server: two 429s in a row pause a host.)
     urls.append(f"http://localhost:{server.port}/retry-after/1/600/gen/16x16.jpg?stats=long")
     staging, _ = stage(tmp_path, urls, retries=1)
     result = build_shard(staging, ShardJob("t", 0), WORKERS)

@@ -289,9 +289,9 @@ class Fetcher:
         """Download ``url``: its robots.txt first (when respected), then attempts through the host's
         gate (polite.py). A transient failure is retried ``retries`` times, each attempt with its own
         ``timeout``, all of them and the waits between them within ``timeout x (retries + 1)``; a 429
-        or 503 pauses the host for every shard (its Retry-After, or a backoff). With ``defer``, a
-        first attempt that would have to wait for its host raises Deferred instead (the caller has
-        other downloads to start)."""
+        or 503 is retried after its Retry-After (or a backoff), and two in a row pause the host for
+        every shard (polite.SLOW_DOWNS_TO_PAUSE). With ``defer``, a first attempt that would have to
+        wait for its host raises Deferred instead (the caller has other downloads to start)."""
         s = self.settings
         try:
             target = _checked(url)
@@ -335,8 +335,8 @@ class Fetcher:
                         f"{err} (Retry-After {err.retry_after:g} s, more than the {left:.1f} s left)"
                     )
                     break
-                if wait is None:  # not a pause of the host's: this sample's own backoff
-                    wait = min(self._random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), left)
+                if wait is None:  # the host is not paused: this sample waits on its own
+                    wait = self._own_wait(err, attempt, left)
                     await asyncio.sleep(wait)
                 waits, waited = waits + 1, waited + wait
                 continue
@@ -344,10 +344,17 @@ class Fetcher:
             return FetchResult(data[1], None, waits, waited)
         return FetchResult(None, str(error), waits, waited, opt_out=error.opt_out)
 
+    def _own_wait(self, err: FetchError, attempt: int, left: float) -> float:
+        """Before a sample's next attempt: the server's Retry-After (it fits in ``left``), else an
+        exponential backoff with full jitter."""
+        if err.retry_after is not None:
+            return err.retry_after
+        return min(self._random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)), left)
+
     def _after_failure(self, err: FetchError, gate: HostGate) -> float | None:
         """Tell the host's gate what happened; the pause it now makes every request wait, if any."""
         if err.status in RETRY_AFTER_STATUSES:
-            return gate.pause(err.retry_after, self.client.politeness.rng)
+            return gate.slow_down(err.retry_after, self.client.politeness.rng)
         if err.unreachable:
             gate.failed(str(err), self.client.politeness.failure_limit)
         elif err.status is not None:

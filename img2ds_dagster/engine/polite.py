@@ -1,6 +1,7 @@
 """Per-host politeness, shared by every shard a process builds at once: robots.txt and its AI-usage
 lines, at most so many requests in flight to a host, starts spaced by an interval (and Crawl-delay),
-a host that asks to slow down (429/503) backed off for everyone, a host that keeps failing given up.
+a host that asks to slow down (429/503) twice in a row backed off for everyone, a host that keeps
+failing given up.
 
 robots.txt follows RFC 9309: fetched once per origin (scheme, host, port) through the same client,
 guard and deadline as images, at most 500 KiB read, kept for the run (at most 24 hours); a 4xx answer
@@ -24,8 +25,14 @@ from protego import Protego
 
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309: at least 500 KiB must be parsed; we read no more
 ROBOTS_TTL = 24 * 3600.0  # RFC 9309: a cached robots.txt should not be used for more than 24 hours
-_BACKOFF_BASE = 1.0  # a host's first 429/503 without Retry-After pauses it up to 1 s, then 2, 4...
+_BACKOFF_BASE = 1.0  # a host's first pause without Retry-After lasts up to 1 s, then 2, 4...
 _BACKOFF_CAP = 60.0
+# The 429/503 answers in a row, with no other answer between, that pause a host for everyone. A
+# rate limiter refuses every request over its rate, so its second refusal comes at once; a host that
+# refuses one request in ten whatever the rate is not asking everyone to stop (pausing it at each
+# such answer cost 16% of images/s on benchmarks/polite.py's corpus). The request refused alone
+# still waits its Retry-After before it is asked again (fetch.py).
+SLOW_DOWNS_TO_PAUSE = 2
 # Usage vocabularies that opt content out of AI training: aipref's Content-Usage (train-ai, and its
 # broader categories ai and tdm) and Cloudflare's Content-Signal (ai-train).
 _USAGE_OPT_OUTS = {"train-ai": "n", "train-genai": "n", "ai": "n", "genai": "n", "tdm": "n"}
@@ -149,8 +156,9 @@ class HostGate:
     limit: int
     interval: float = 0.0  # seconds between two request starts (min_request_interval, Crawl-delay)
     next_start: float = 0.0
-    paused_until: float = 0.0  # after a 429/503
-    pauses: int = 0  # consecutive ones
+    paused_until: float = 0.0  # after 429/503 answers in a row
+    slow_downs: int = 0  # 429/503 answers in a row
+    pauses: int = 0  # consecutive pauses
     failures: int = 0  # consecutive timeouts and connection failures
     given_up: str | None = None
     taken: int = 0  # downloads the shard schedulers have taken for this host and not finished
@@ -200,8 +208,12 @@ class HostGate:
                 f"host asked to slow down: paused {wait:.0f} s more, past this sample's time"
             )
 
-    def pause(self, retry_after: float | None, rng: random.Random) -> float:
-        """A 429 or 503: pause the host for its Retry-After, or an exponential backoff with jitter."""
+    def slow_down(self, retry_after: float | None, rng: random.Random) -> float | None:
+        """A 429 or 503. From the SLOW_DOWNS_TO_PAUSE-th in a row on, pause the host for its
+        Retry-After, or an exponential backoff with jitter, and return the pause; else None."""
+        self.slow_downs += 1
+        if self.slow_downs < SLOW_DOWNS_TO_PAUSE:
+            return None
         self.pauses += 1
         wait = retry_after
         if wait is None:
@@ -211,6 +223,7 @@ class HostGate:
 
     def answered(self) -> None:
         self.failures = 0
+        self.slow_downs = 0
         self.pauses = 0
 
     def failed(self, error: str, limit: int) -> None:

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -402,14 +403,18 @@ class Staging:
         pending: list[pa.Table] = []
         pending_rows = 0
         futures: list[Future[str]] = []
+        in_flight: deque[Future[str]] = deque()  # in submission order; the oldest is waited for first
         # At most 2 shards per thread wait, so that memory stays bounded when reading outpaces writing.
         with ThreadPoolExecutor(max_workers=writers) as pool:
 
             def submit(shard_rows: pa.Table) -> None:
-                in_flight = [f for f in futures if not f.done()]
+                while in_flight and in_flight[0].done():
+                    in_flight.popleft()
                 if len(in_flight) >= 2 * writers:
-                    in_flight[0].result()
-                futures.append(pool.submit(write_one, len(futures), shard_rows))
+                    in_flight.popleft().result()
+                future = pool.submit(write_one, len(futures), shard_rows)
+                futures.append(future)
+                in_flight.append(future)
 
             for batch in batches:
                 if not columns:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster_support import daemon_workspace, sensor_cursors, statuses, tick_sensors
 from imageserver import ImageServer
 
@@ -35,7 +36,7 @@ from img2ds_dagster.defs.partitions import (
 )
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.sensors import new_shards_sensor, url_drop_sensor
-from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, shards
+from img2ds_dagster.defs.shards import INPUT_FINGERPRINT, recorded_fingerprints, shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
 from img2ds_dagster.errors import ConfigError
@@ -330,30 +331,41 @@ def test_a_table_staged_twice_between_ticks_is_requested_once(tmp_path: Path) ->
         assert sorted(requested) == sorted(set(requested))
 
 
-def built(instance: dg.DagsterInstance, root: Path, table: str) -> None:
-    """Record every shard of the table as built from its rows staged now, as a shard run would."""
+def built(instance: dg.DagsterInstance, root: Path, table: str, recorded: str) -> None:
+    """Record every shard of the table as built from its rows staged now: with its fingerprint as
+    data version, as a shard run records it, or only in its metadata, as shards built before did."""
     manifest = storage_in(root).staging_area().manifest(table)
     for key, shard_id in zip(shard_keys(manifest), manifest.shard_ids, strict=True):
         fingerprint = manifest.fingerprint(shard_id)
         assert fingerprint is not None
+        tags = {DATA_VERSION_TAG: fingerprint} if recorded == "data version" else None
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
-                asset_key=shards.key, partition=key, metadata={INPUT_FINGERPRINT: fingerprint}
+                asset_key=shards.key, partition=key, metadata={INPUT_FINGERPRINT: fingerprint}, tags=tags
             )
         )
 
 
-def test_a_table_staged_again_rebuilds_only_the_shards_whose_rows_changed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", ["data version", "metadata only", "both"])
+def test_a_table_staged_again_rebuilds_only_the_shards_whose_rows_changed(
+    tmp_path: Path, recorded: str
+) -> None:
+    first_way, second_way = ("data version", "metadata only") if recorded == "both" else (recorded, recorded)
     with dg.instance_for_test() as instance:
         stage(instance, tmp_path, "t", rows=5)  # t/00002 holds one row
         first = shards_tick(instance, tmp_path, None)
         assert isinstance(first, dg.SensorResult)
-        built(instance, tmp_path, "t")
+        built(instance, tmp_path, "t", first_way)
         stage(instance, tmp_path, "t", rows=7)  # two rows appended: t/00002 grows, t/00003 is new
         second = shards_tick(instance, tmp_path, first.cursor)
         assert requested_ranges(instance, second) == [["t/00002", "t/00003"]]
         assert isinstance(second, dg.SensorResult)
-        built(instance, tmp_path, "t")
+        built(instance, tmp_path, "t", second_way)
+        manifest = storage_in(tmp_path).staging_area().manifest("t")
+        keys = shard_keys(manifest)
+        staged = [manifest.fingerprint(i) for i in manifest.shard_ids]
+        # One record per page and one shard per query where the metadata is read.
+        assert recorded_fingerprints(instance, keys, batch=1, page=1) == dict(zip(keys, staged, strict=True))
         stage(instance, tmp_path, "t", rows=7)  # the same file again: nothing to rebuild
         third = shards_tick(instance, tmp_path, second.cursor)
         assert isinstance(third, dg.SensorResult)

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from ..engine.distribute import build_shards
 from ..engine.shard import ShardResult
@@ -59,9 +60,7 @@ with warnings.catch_warnings():
                 failed[key] = result
                 context.log.error(f"{key} failed: {result}")
                 continue
-            yield dg.AssetMaterialization(
-                asset_key=context.asset_key, partition=key, metadata=shard_metadata(result)
-            )
+            yield shard_materialization(context.asset_key, key, result)
         if failed:
             raise dg.Failure(
                 description=f"{len(failed)} of {len(jobs)} shards failed: "
@@ -79,6 +78,12 @@ def _materialized_in_this_run(context: dg.AssetExecutionContext) -> set[str]:
 
 
 INPUT_FINGERPRINT = "input_fingerprint"
+# Each shard materialization's data version is its input fingerprint. Dagster indexes that one tag
+# of asset events in a table of its own, so the latest fingerprint of every shard of a table comes
+# from one query per batch of keys, without reading the events: 200,000 built shards in about
+# 2 s, where reading each latest event's metadata took 0.32 ms per shard
+# (benchmarks/orchestration.py). Batches keep the query's key list under sqlite's variable limit.
+_TAG_BATCH = 10_000
 
 
 def recorded_fingerprints(
@@ -86,6 +91,29 @@ def recorded_fingerprints(
 ) -> dict[str, str | None]:
     """The input fingerprint (sources.py) each of these shards' latest materialization recorded, by
     key; None when it recorded none, and no entry for a shard never materialized."""
+    storage = instance.event_log_storage
+    found: dict[str, str | None] = {}
+    untagged: list[str] = []
+    for start in range(0, len(keys), _TAG_BATCH):
+        wanted = list(keys[start : start + _TAG_BATCH])
+        tags = storage.get_latest_tags_by_partition(
+            shards.key, dg.DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG], asset_partitions=wanted
+        )
+        found.update((k, t[DATA_VERSION_TAG]) for k, t in tags.items())
+        if len(tags) < len(wanted):  # never built, or built before fingerprints became the data version
+            latest = storage.get_latest_storage_id_by_partition(
+                shards.key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(wanted)
+            )
+            untagged.extend(k for k in wanted if k in latest and k not in tags)
+    found.update(_fingerprints_in_metadata(instance, untagged, batch, page))
+    return found
+
+
+def _fingerprints_in_metadata(
+    instance: dg.DagsterInstance, keys: Sequence[str], batch: int, page: int
+) -> dict[str, str | None]:
+    """The fingerprints of shards materialized before the data version carried them, from the
+    metadata of each one's latest materialization."""
     found: dict[str, str | None] = {}
     for start in range(0, len(keys), batch):
         missing = set(keys[start : start + batch])
@@ -117,6 +145,17 @@ def built_from_staging(instance: dg.DagsterInstance, manifest: TableManifest) ->
         for k, recorded in recorded_fingerprints(instance, keys).items()
         if recorded and recorded == staged[k]
     }
+
+
+def shard_materialization(asset_key: dg.AssetKey, key: str, result: ShardResult) -> dg.AssetMaterialization:
+    """A built shard's materialization: its metadata, and its input fingerprint as data version."""
+    fingerprint = result.input_fingerprint
+    return dg.AssetMaterialization(
+        asset_key=asset_key,
+        partition=key,
+        metadata=shard_metadata(result),
+        tags={DATA_VERSION_TAG: fingerprint} if fingerprint else None,
+    )
 
 
 def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:

@@ -1,4 +1,5 @@
-"""Real Debian web servers on 127.0.0.1 for the HTTP client tests: nginx, Apache httpd and Squid.
+"""Real Debian servers on 127.0.0.1: nginx, Apache httpd and Squid for the HTTP client tests, and a
+throwaway PostgreSQL (``postgres_server()``) for the instance tests and benchmarks/orchestration.py.
 
 Each class is a context manager that writes a config of its own into a fresh temporary folder (no
 /etc config, no system port), picks a free port on 127.0.0.1, runs the server in the foreground as a
@@ -29,10 +30,11 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 START_TIMEOUT = 20.0  # squid and apache start in well under a second here; a loaded CI machine is slower
 STOP_TIMEOUT = 10.0
@@ -672,3 +674,111 @@ class Squid(_Server):
         conf.chmod(0o644)
         # -N: in the foreground, one process; -d1: start-up messages to stderr (stderr.log) as well.
         return [binary, "-N", "-d1", "-f", str(conf)]
+
+
+PG_ROOT = Path("/usr/lib/postgresql")
+PG_USER = "dagster"
+PG_DB = "img2ds"
+# initdb refuses to run as root; as root the server runs as the user Debian's package creates.
+PG_OS_USER = "postgres"
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    db: str
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{self.db}"
+
+    def env(self) -> dict[str, str]:
+        """The variables the deploy profiles' storage block reads (trust auth: the password is ignored)."""
+        return {
+            "DAGSTER_PG_HOST": self.host,
+            "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_DB": self.db,
+            "DAGSTER_PG_USERNAME": self.user,
+            "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
+        }
+
+
+def _postgres_bin() -> Path:
+    """The newest PostgreSQL server binaries Debian's packages installed."""
+    found = sorted(
+        (p.parent for p in PG_ROOT.glob("*/bin/initdb")),
+        key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0,
+    )
+    if not found:
+        raise RuntimeError(
+            f"no PostgreSQL server under {PG_ROOT}/*/bin: install Debian's postgresql package "
+            "(apt-get install -y postgresql; .ci/run does it when it is missing)"
+        )
+    return found[-1]
+
+
+def _postgres_os_user() -> dict[str, Any]:
+    """subprocess arguments that run the server as a non-root user when this process is root."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        raise RuntimeError(
+            f"running as root and there is no {PG_OS_USER!r} user to run PostgreSQL as "
+            "(Debian's postgresql package creates it)"
+        ) from None
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def _run_checked(cmd: list[str], what: str, **kwargs: Any) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed ({result.returncode}): {result.stdout}{result.stderr}")
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on 127.0.0.1 and a free port, with one empty
+    database; stopped and deleted on exit. fsync is off: nothing here outlives the server."""
+    bin_dir, as_user = _postgres_bin(), _postgres_os_user()
+    # In /tmp, not a test's tmp_path: that is private to this user, and the server may run as another;
+    # and a short path keeps the server's Unix socket path within its length limit.
+    folder = Path(tempfile.mkdtemp(prefix="img2ds-pg-", dir="/tmp"))
+    if as_user:
+        os.chown(folder, as_user["user"], as_user["group"])
+    data, log = folder / "data", folder / "server.log"
+    server: dict[str, Any] = {"cwd": folder, **as_user}
+    try:
+        _run_checked(
+            [
+                str(bin_dir / "initdb"),
+                *("-D", str(data), "-U", PG_USER),
+                *("--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"),
+            ],
+            "initdb",
+            **server,
+        )
+        for _attempt in range(3):  # the port is free when picked, not necessarily when bound
+            port = free_port()
+            options = f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off -c synchronous_commit=off"
+            start = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
+            if subprocess.run(start, capture_output=True, timeout=60, check=False, **server).returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"PostgreSQL did not start: {log.read_text() if log.exists() else 'no log'}")
+        try:
+            _run_checked(
+                [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
+                "createdb",
+            )
+            yield PostgresServer("127.0.0.1", port, PG_USER, PG_DB)
+        finally:
+            stop = [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
+            subprocess.run(stop, capture_output=True, timeout=60, check=False, **server)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

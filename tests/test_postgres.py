@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import http.server
 import os
-import pwd
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,7 @@ import pytest
 import yaml
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import SAMPLES_DIR, ImageServer
+from realservers import PostgresServer, postgres_server
 
 from img2ds_dagster.defs.partitions import SHARDS, URL_TABLES
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
@@ -42,115 +38,17 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 PROFILE = ROOT / "deploy" / "ecs" / "dagster.yaml"
-PG_ROOT = Path("/usr/lib/postgresql")
-PG_USER = "dagster"
-PG_DB = "img2ds"
-# initdb refuses to run as root; as root the server runs as the user Debian's package creates.
-SERVER_OS_USER = "postgres"
 ASSETS = [url_tables, shards, download_stats]
 # The rendezvous answers once both shard runs are downloading; well within the fetch timeout.
 RENDEZVOUS_WAIT = 30.0
 FETCH_TIMEOUT = 45.0
 
 
-@dataclass(frozen=True)
-class PostgresServer:
-    host: str
-    port: int
-    user: str
-    db: str
-
-    def env(self) -> dict[str, str]:
-        """The variables the profile's storage block reads (trust auth: the password is ignored)."""
-        return {
-            "DAGSTER_PG_HOST": self.host,
-            "DAGSTER_PG_PORT": str(self.port),
-            "DAGSTER_PG_DB": self.db,
-            "DAGSTER_PG_USERNAME": self.user,
-            "DAGSTER_PG_PASSWORD": "unused-with-trust-auth",
-        }
-
-
-def postgres_bin() -> Path:
-    """The newest PostgreSQL server binaries Debian's packages installed."""
-    found = sorted(
-        (p.parent for p in PG_ROOT.glob("*/bin/initdb")),
-        key=lambda b: int(b.parent.name) if b.parent.name.isdigit() else 0,
-    )
-    if not found:
-        pytest.fail(
-            f"no PostgreSQL server under {PG_ROOT}/*/bin: install Debian's postgresql package "
-            "(apt-get install -y postgresql; .ci/run does it when it is missing)"
-        )
-    return found[-1]
-
-
-def server_user() -> dict[str, Any]:
-    """subprocess arguments that run the server as a non-root user when this process is root."""
-    if os.geteuid() != 0:
-        return {}
-    try:
-        entry = pwd.getpwnam(SERVER_OS_USER)
-    except KeyError:
-        pytest.fail(
-            f"running as root and there is no {SERVER_OS_USER!r} user to run PostgreSQL as "
-            "(Debian's postgresql package creates it)"
-        )
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_checked(cmd: list[str], what: str, **kwargs: Any) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, **kwargs)
-    if result.returncode != 0:
-        pytest.fail(f"{what} failed ({result.returncode}): {result.stdout}{result.stderr}")
-
-
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of its own in a temporary folder, stopped and deleted afterwards."""
-    bin_dir, as_user = postgres_bin(), server_user()
-    # In /tmp, not pytest's tmp_path: that is private to this user, and the server may run as another;
-    # and a short path keeps the server's Unix socket path within its length limit.
-    folder = Path(tempfile.mkdtemp(prefix="img2ds-pg-", dir="/tmp"))
-    if as_user:
-        os.chown(folder, as_user["user"], as_user["group"])
-    data, log = folder / "data", folder / "server.log"
-    server = {"cwd": folder, **as_user}
-    try:
-        run_checked(
-            [
-                str(bin_dir / "initdb"),
-                *("-D", str(data), "-U", PG_USER),
-                *("--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"),
-            ],
-            "initdb",
-            **server,
-        )
-        for _attempt in range(3):  # the port is free when picked, not necessarily when bound
-            port = free_port()
-            options = f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off -c synchronous_commit=off"
-            start = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start"]
-            if subprocess.run(start, capture_output=True, timeout=60, check=False, **server).returncode == 0:
-                break
-        else:
-            pytest.fail(f"PostgreSQL did not start: {log.read_text() if log.exists() else 'no log'}")
-        try:
-            run_checked(
-                [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, PG_DB],
-                "createdb",
-            )
-            yield PostgresServer("127.0.0.1", port, PG_USER, PG_DB)
-        finally:
-            stop = [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-            subprocess.run(stop, capture_output=True, timeout=60, check=False, **server)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    """A PostgreSQL server of its own, stopped and deleted afterwards."""
+    with postgres_server() as server:
+        yield server
 
 
 class Rendezvous:

@@ -26,7 +26,14 @@ from .defs.partitions import shard_keys
 from .defs.resources import StorageResource, WorkersResource
 from .defs.stats import collect_stats
 from .engine.runtime import prepare_process
-from .engine.settings import DistributorName, EncodeFormat, Interpolation, OutputFormat, ResizeMode
+from .engine.settings import (
+    BucketCrop,
+    DistributorName,
+    EncodeFormat,
+    Interpolation,
+    OutputFormat,
+    ResizeMode,
+)
 from .engine.shard import Workers
 from .engine.sources import TableManifest, list_input_files, table_key
 from .engine.storage import absolute, join, local_path, remove
@@ -120,6 +127,11 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     spark_master: str | None = None,
     task_retries: int = _W.task_retries,
     shared_filesystem: bool = _W.shared_filesystem,
+    exif_transpose: bool | None = _D.exif_transpose,
+    bucket_base: int = _D.bucket_base,
+    bucket_divisible: int = _D.bucket_divisible,
+    bucket_crop: BucketCrop = _D.bucket_crop,
+    bucket_corners: list[int] | None = None,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
@@ -247,7 +259,7 @@ def table_config(arguments: Mapping[str, Any]) -> DownloadConfig:
     for name in ("max_image_area", "max_aspect_ratio"):
         if math.isinf(given[name]):
             given[name] = None
-    for name in ("disallowed_header_directives", "allowed_networks", "blocked_networks"):
+    for name in ("disallowed_header_directives", "allowed_networks", "blocked_networks", "bucket_corners"):
         if given[name] is None:  # the default list
             del given[name]
     try:

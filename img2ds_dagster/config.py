@@ -16,6 +16,7 @@ import pydantic
 from pydantic import Field
 
 from .engine.settings import (
+    BucketCrop,
     DownloadSettings,
     EncodeFormat,
     FetchSettings,
@@ -115,6 +116,24 @@ class DownloadConfig(dg.Config):
     disable_all_reencoding: bool = Field(
         default=_IMAGE.disable_all_reencoding,
         description="Keep the downloaded bytes untouched: no decoding, checks or resizing.",
+    )
+    exif_transpose: bool | None = Field(
+        default=_IMAGE.exif_transpose,
+        description="Apply a JPEG's EXIF orientation (upright output); default: on in bucket mode only.",
+    )
+    bucket_base: int = Field(
+        default=_IMAGE.bucket_base, description="resize_mode=bucket: the buckets' base size (512: ~512x512)."
+    )
+    bucket_divisible: int = Field(
+        default=_IMAGE.bucket_divisible, description="resize_mode=bucket: bucket sides are multiples of this."
+    )
+    bucket_crop: BucketCrop = Field(
+        default=_IMAGE.bucket_crop, description="resize_mode=bucket: keep the centre, or a corner."
+    )
+    bucket_corners: list[int] = Field(
+        default_factory=lambda: list(_IMAGE.bucket_corners),
+        description="bucket_crop=corner: the corners it may keep (0 top-left, 1 top-right, 2 bottom-left, "
+        "3 bottom-right), one per image picked from its bytes.",
     )
     bbox_col: str | None = Field(
         default=_SOURCE.bbox_col,

@@ -76,6 +76,11 @@ OWN_OPTIONS = {
     "spark_master": None,
     "task_retries": 3,
     "shared_filesystem": False,
+    "exif_transpose": None,
+    "bucket_base": 512,
+    "bucket_divisible": 32,
+    "bucket_crop": "center",
+    "bucket_corners": None,
 }
 
 

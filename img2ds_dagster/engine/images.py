@@ -1,4 +1,5 @@
-"""Decode, check, resize, pad or crop, and re-encode one image, with img2dataset's geometry.
+"""Decode, check, resize, pad or crop, and re-encode one image, with img2dataset's geometry, or into
+an aspect-ratio bucket (``resize_mode="bucket"``, buckets.py).
 
 The output geometry is planned from the header's dimensions before anything is decoded, which lets
 the processor refuse decompression bombs for free and let libjpeg decode large JPEGs at 1/2, 1/4 or
@@ -9,10 +10,12 @@ parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import jpeg, png
+from .buckets import Bucket, cover_scale, cover_size, crop_origin, nearest_bucket
 from .probe import ImageHeader, probe
 from .settings import ImageSettings
 
@@ -60,25 +64,42 @@ Boxes = list[list[float]]
 
 
 class ImageError(Exception):
-    """The image cannot be used; the message is the sample's error message (``failed_to_resize``)."""
+    """The image cannot be used; the message is the sample's error message (``failed_to_resize``),
+    and ``original`` the image's (upright) size when it is known."""
+
+    def __init__(
+        self, message: str, original: tuple[int, int] | None = None, bucket: Bucket | None = None
+    ) -> None:
+        super().__init__(message)
+        self.original = original
+        self.bucket = bucket
 
 
 @dataclass(frozen=True, slots=True)
 class Geometry:
-    """What to do to an image of a given size: resize to ``size`` (w, h), then pad or crop."""
+    """What to do to an image of a given size: resize to ``size`` (w, h), then pad or crop; or, for
+    an image the bucket would have to upsample, ``refusal``, the sample's error message."""
 
     size: tuple[int, int] | None
     interpolation: int
     pad: tuple[int, int, int, int] | None  # top, bottom, left, right
-    crop: tuple[int, int, int] | None  # x, y, side
+    crop: tuple[int, int, int, int] | None  # x, y, width, height
     resizes: bool = True  # False when img2dataset skips its resize step (an unchanged size still counts)
+    bucket: Bucket | None = None
+    # Downscales are antialiased: a box average by a whole factor first, the interpolation for the rest.
+    antialias: bool = False
+    scale: float = 1.0  # of the resize, output / input
+    refusal: str | None = None
 
 
-def plan(width: int, height: int, s: ImageSettings) -> Geometry:
-    """img2dataset's resize geometry (albumentations' Smallest/LongestMaxSize, PadIfNeeded, CenterCrop)."""
+def plan(width: int, height: int, s: ImageSettings, corner: int = 0) -> Geometry:
+    """img2dataset's resize geometry (albumentations' Smallest/LongestMaxSize, PadIfNeeded, CenterCrop),
+    or a bucket's (``corner``: the one bucket_crop="corner" keeps)."""
     side = s.image_size
     down, up = INTERPOLATION_FLAGS[s.downscale_interpolation], INTERPOLATION_FLAGS[s.upscale_interpolation]
     mode = s.resize_mode
+    if mode == "bucket":
+        return _bucket_plan(width, height, s, corner)
     if mode == "no":
         return Geometry(None, down, None, None, resizes=False)
     reference = min(width, height) if mode in ("keep_ratio", "center_crop") else max(width, height)
@@ -94,8 +115,80 @@ def plan(width: int, height: int, s: ImageSettings) -> Geometry:
         top, left = max(0, side - h) // 2, max(0, side - w) // 2
         pad = (top, max(0, side - h) - top, left, max(0, side - w) - left)
     elif mode == "center_crop":
-        crop = ((w - side) // 2, (h - side) // 2, side)
+        crop = ((w - side) // 2, (h - side) // 2, side, side)
     return Geometry(size, down if downscale else up, pad, crop)
+
+
+def _bucket_plan(width: int, height: int, s: ImageSettings, corner: int) -> Geometry:
+    """The nearest bucket's geometry: an antialiased bicubic resize that covers the bucket, then a
+    crop to its size; refused when covering it would need upsampling."""
+    bucket = nearest_bucket(width, height, s.bucket_base, s.bucket_divisible)
+    scale = cover_scale(width, height, bucket)
+    if scale > 1:
+        refusal = (
+            f"image of {width}x{height} is smaller than its bucket {bucket.id} "
+            f"({bucket.width}x{bucket.height}): no upsampling in bucket mode"
+        )
+        return Geometry(None, cv2.INTER_CUBIC, None, None, bucket=bucket, refusal=refusal)
+    size = cover_size(width, height, bucket)
+    x, y = crop_origin(size, bucket, s.bucket_crop, corner)
+    return Geometry(
+        None if size == (width, height) else size,
+        cv2.INTER_CUBIC,
+        None,
+        (x, y, bucket.width, bucket.height),
+        bucket=bucket,
+        antialias=True,
+        scale=scale,
+    )
+
+
+# A bucket's JPEG keeps full-resolution chroma (4:4:4) when the resize scaled the image by this much or
+# less, and subsamples it (4:2:0) above: the card's "adaptive_scale" rule. Nearly every source JPEG
+# carries 4:2:0 chroma; scaled by s, it has 0.5 / s of the output's resolution, so from 0.85 down
+# 4:2:0 would discard chroma the image has, while near 1:1 it discards nothing and saves bytes.
+ADAPTIVE_SCALE_THRESHOLD = 0.85
+
+
+def chroma_sampling(scale: float) -> int:
+    """OpenCV's JPEG sampling factor for a bucket image resized by ``scale``."""
+    if scale <= ADAPTIVE_SCALE_THRESHOLD:
+        return int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)
+    return int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420)
+
+
+def bucket_corner(raw: bytes, s: ImageSettings) -> int:
+    """The corner bucket_crop="corner" keeps for an image: one of bucket_corners, picked by the CRC-32
+    of its bytes, so that the same image is always cropped alike."""
+    if s.resize_mode != "bucket" or s.bucket_crop != "corner":
+        return 0
+    return s.bucket_corners[zlib.crc32(raw) % len(s.bucket_corners)]
+
+
+def upright(header: ImageHeader) -> ImageHeader:
+    """The header of the image once its EXIF orientation is applied (5 to 8 swap the sides)."""
+    if header.orientation in (5, 6, 7, 8):
+        return dataclasses.replace(header, width=header.height, height=header.width)
+    return header
+
+
+def orient(img: Image, orientation: int) -> Image:
+    """The image as EXIF orientation ``orientation`` says it should be seen (PIL's exif_transpose)."""
+    if orientation == 2:
+        return cv2.flip(img, 1)
+    if orientation == 3:
+        return cv2.rotate(img, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(img, 0)
+    if orientation == 5:
+        return cv2.transpose(img)
+    if orientation == 6:
+        return cv2.rotate(img, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(img), -1)
+    if orientation == 8:
+        return cv2.rotate(img, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return img
 
 
 def jpeg_reduction(header: ImageHeader, geometry: Geometry, s: ImageSettings) -> int:
@@ -120,6 +213,7 @@ class ProcessedImage:
     height: int
     original_width: int
     original_height: int
+    bucket: Bucket | None = None
 
 
 class ImageProcessor:
@@ -146,12 +240,19 @@ class ImageProcessor:
             raise ImageError("Image decoding error")
         header = header if header is not None else probe(raw)
         if header is not None:
-            self._check_pixels(header.width, header.height)
-            geometry = plan(header.width, header.height, s)
+            orientation = header.orientation if s.transposes else 1
+            header = upright(header) if orientation != 1 else header
+            original = (header.width, header.height)
+            self._check_pixels(*original)
+            geometry = plan(*original, s, bucket_corner(raw, s))
+            if geometry.refusal is not None:  # not decoded: the header says all there is to say
+                self._filter(*original)
+                raise ImageError(geometry.refusal, original, geometry.bucket)
             # Decoded even when a filter refuses it: img2dataset decodes first, so an image that is
             # both filtered and broken fails with "Image decoding error".
             img, rgb, scale = self._decode(raw, header, geometry)
-            original = (header.width, header.height)
+            if orientation != 1:
+                img = orient(img, orientation)
             self._filter(*original)
         else:
             # Unknown or malformed header: let OpenCV try (its own pixel limit still applies).
@@ -159,16 +260,25 @@ class ImageProcessor:
             original = (img.shape[1], img.shape[0])
             self._check_pixels(*original)
             self._filter(*original)
-            geometry = plan(*original, s)
+            geometry = plan(*original, s, bucket_corner(raw, s))
+            if geometry.refusal is not None:
+                raise ImageError(geometry.refusal, original, geometry.bucket)
         if self._keeps_bytes(header, geometry, img, boxes):
             return ProcessedImage(raw, original[0], original[1], *original)
         img = self._apply(img, geometry, original, scale, boxes)
         if rgb and img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # on the small image: cheaper than on the decoded one
-        ok, encoded = cv2.imencode(self._ext, img, self._params)
+        params = self._params
+        if geometry.bucket is not None:
+            if img.ndim == 2:  # buckets are RGB
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+            if s.encode_format == "jpg":
+                params = [*params, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, chroma_sampling(geometry.scale)]
+        ok, encoded = cv2.imencode(self._ext, img, params)
         if not ok:
             raise ImageError("Image encoding error")
-        return ProcessedImage(encoded.tobytes(), img.shape[1], img.shape[0], *original)
+        data = encoded.tobytes()
+        return ProcessedImage(data, img.shape[1], img.shape[0], *original, bucket=geometry.bucket)
 
     def _keeps_bytes(
         self, header: ImageHeader | None, geometry: Geometry, img: Image, boxes: Boxes | None
@@ -178,7 +288,7 @@ class ImageProcessor:
         As in img2dataset: no resize step, no alpha to composite, already in ``encode_format``.
         Unlike img2dataset, an image with boxes to blur is always re-encoded (img2dataset keeps
         the unblurred original in that case)."""
-        if not self.settings.skip_reencode or header is None:
+        if not self.settings.skip_reencode or header is None or geometry.bucket is not None:
             return False
         has_alpha = img.ndim == 3 and img.shape[2] in (2, 4)
         return (
@@ -265,8 +375,8 @@ class ImageProcessor:
         if geometry.pad is not None and any(geometry.pad):
             img = cv2.copyMakeBorder(img, *geometry.pad, cv2.BORDER_CONSTANT, value=WHITE)
         if geometry.crop is not None:
-            x, y, side = geometry.crop
-            img = img[y : y + side, x : x + side]
+            x, y, w, h = geometry.crop
+            img = img[y : y + h, x : x + w]
         return img
 
 
@@ -287,7 +397,14 @@ def _resize(img: Image, geometry: Geometry, original: tuple[int, int], scale: in
     assert geometry.size is not None
     width, height = geometry.size
     interpolation = geometry.interpolation
-    if reduce and interpolation == cv2.INTER_AREA:
+    if geometry.antialias:
+        # A bucket's bicubic downscale, antialiased as PIL's is: a box average by the largest whole
+        # factor, then bicubic for what is left (under 2x, where it barely aliases).
+        factor = min(img.shape[1] // width, img.shape[0] // height)
+        if factor >= 2:
+            img = cv2.resize(img, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+            scale *= factor
+    elif reduce and interpolation == cv2.INTER_AREA:
         factor = min(img.shape[1] // width, img.shape[0] // height)
         if factor >= 2:
             # fx and fy of exactly 1/factor take the fast path; a partial block at the right or

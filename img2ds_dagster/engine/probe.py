@@ -15,7 +15,8 @@ __all__ = ["ImageHeader", "probe"]
 
 @dataclass(frozen=True, slots=True)
 class ImageHeader:
-    """What the header says about an image, as stored (EXIF orientation is not applied).
+    """What the header says about an image, as stored (EXIF orientation is not applied: it is
+    ``orientation``, read from a JPEG's EXIF block, 1 when absent or for other formats).
 
     ``channels`` counts stored samples per pixel, except that palette images (PNG, BMP, GIF, TIFF)
     report 3 because they decode to colour; a PNG made transparent by a tRNS chunk keeps its channel
@@ -31,6 +32,7 @@ class ImageHeader:
     bit_depth: int
     has_exif: bool
     progressive: bool
+    orientation: int = 1  # EXIF's 1 to 8; 5 to 8 swap width and height once applied
 
 
 # Every walk over segments, chunks, blocks or IFD entries stops after this many steps, so that the
@@ -99,6 +101,7 @@ def _probe_jpeg(buf: memoryview) -> ImageHeader | None:
     n = len(buf)
     pos = 2
     has_exif = False
+    orientation = 1
     frame: tuple[int, int, int, int, bool] | None = None  # width, height, components, precision, progressive
     for _ in range(_MAX_STEPS):
         code = _next_marker_code(buf, pos)
@@ -115,6 +118,8 @@ def _probe_jpeg(buf: memoryview) -> ImageHeader | None:
             break
         end = pos + length
         if marker == _JPEG_APP1 and bytes(buf[pos + 2 : min(end, pos + 8)]) == _EXIF_ID:
+            if not has_exif:
+                orientation = _exif_orientation(buf[pos + 8 : min(end, n)])
             has_exif = True
         elif marker in JPEG_SOF and frame is None:
             if length < 8 or pos + 8 > n:
@@ -128,7 +133,32 @@ def _probe_jpeg(buf: memoryview) -> ImageHeader | None:
         return None
     # A frame header seen before truncation or a broken segment is still what the decoder would use.
     width, height, components, precision, progressive = frame
-    return ImageHeader("jpeg", width, height, components, False, precision, has_exif, progressive)
+    return ImageHeader(
+        "jpeg", width, height, components, False, precision, has_exif, progressive, orientation
+    )
+
+
+_ORIENTATION_TAG = 0x0112
+
+
+def _exif_orientation(tiff: memoryview) -> int:
+    """The Orientation entry (1 to 8) of the first IFD of an EXIF block's TIFF data; 1 when there
+    is none or the block is malformed."""
+    if len(tiff) < 8 or bytes(tiff[:2]) not in (b"II", b"MM"):
+        return 1
+    u16, u32 = (_U16LE, _U32LE) if bytes(tiff[:2]) == b"II" else (_U16BE, _U32BE)
+    ifd = u32.unpack_from(tiff, 4)[0]
+    if ifd + 2 > len(tiff):
+        return 1
+    count = u16.unpack_from(tiff, ifd)[0]
+    for i in range(min(count, _MAX_STEPS)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            break
+        if u16.unpack_from(tiff, entry)[0] == _ORIENTATION_TAG:
+            value = u16.unpack_from(tiff, entry + 8)[0]  # a SHORT, left-justified in the value field
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def _next_marker_code(buf: memoryview, pos: int) -> int:

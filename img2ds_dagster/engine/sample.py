@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .buckets import Bucket
 from .cpu import CpuPool, Spool, SpoolRef
 from .fetch import Fetcher
 from .images import ImageError, ImageProcessor, digest, exif_json, parse_boxes
@@ -58,6 +59,7 @@ class Outcome:
     waits: int = 0  # waits before retrying its download (Retry-After or backoff)
     waited: float = 0.0  # seconds
     opt_out: str | None = None  # the kind of site signal that refused it
+    bucket: Bucket | None = None  # resize_mode="bucket": the one it went to, or would have needed upsampling
 
 
 class SampleWorker:
@@ -121,7 +123,11 @@ class SampleWorker:
         try:
             image = self.processor.process(raw, header, parse_boxes(task.boxes))
         except ImageError as err:
-            return Outcome("failed_to_resize", str(err))
+            # The original size is known when the header said why (a bucket that would need upsampling).
+            width, height = err.original or (None, None)
+            return Outcome(
+                "failed_to_resize", str(err), original_width=width, original_height=height, bucket=err.bucket
+            )
         return Outcome(
             "success",
             image=self.spool.put(image.data),
@@ -131,6 +137,7 @@ class SampleWorker:
             original_height=image.original_height,
             exif=exif_json(raw, header) if self.extract_exif else None,
             hash=hash_,
+            bucket=image.bucket,
         )
 
 
@@ -163,6 +170,11 @@ def metadata_row(
         "original_width": outcome.original_width,
         "original_height": outcome.original_height,
     }
+    if settings.image.resize_mode == "bucket":
+        bucket = outcome.bucket
+        meta["bucket_id"] = bucket.id if bucket else None
+        meta["target_width"] = bucket.width if bucket else None
+        meta["target_height"] = bucket.height if bucket else None
     if settings.output.extract_exif:
         meta["exif"] = outcome.exif
     hash_type = settings.output.compute_hash

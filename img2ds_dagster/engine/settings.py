@@ -17,7 +17,8 @@ from ..errors import ConfigError
 
 # The allowed values of each option with a fixed set: the engine's checks, the Dagster config (an
 # enum in the launchpad), the command line and mypy all read these.
-ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]
+ResizeMode = Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop", "bucket"]
+BucketCrop = Literal["center", "corner"]
 Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 EncodeFormat = Literal["jpg", "png", "webp"]
 OutputFormat = Literal["files", "webdataset", "parquet", "tfrecord", "dummy"]
@@ -25,6 +26,7 @@ HashType = Literal["md5", "sha256", "sha512"]
 # Where shards are built (distribute.py); img2dataset's three names.
 DistributorName = Literal["multiprocessing", "ray", "pyspark"]
 RESIZE_MODES: tuple[ResizeMode, ...] = get_args(ResizeMode)
+BUCKET_CROPS: tuple[BucketCrop, ...] = get_args(BucketCrop)
 INTERPOLATIONS: tuple[Interpolation, ...] = get_args(Interpolation)
 ENCODE_FORMATS: tuple[EncodeFormat, ...] = get_args(EncodeFormat)
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
@@ -37,6 +39,7 @@ DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex",
 RESERVED_COLUMNS = frozenset(
     {"key", "caption", "url", "width", "height", "original_width", "original_height"}
     | {"status", "error_message", "exif", *HASH_TYPES}
+    | {"bucket_id", "target_width", "target_height"}  # resize_mode="bucket"'s
 )
 
 
@@ -182,9 +185,36 @@ class ImageSettings:
     skip_reencode: bool = False
     # Keep the downloaded bytes as they are: no decoding, no checks, no resizing.
     disable_all_reencoding: bool = False
+    # Apply a JPEG's EXIF orientation, so the output is upright. None: on in bucket mode only
+    # (img2dataset ignores the orientation).
+    exif_transpose: bool | None = None
+    # resize_mode="bucket" (buckets.py): the buckets' base size and the multiple their sides round
+    # to; the crop of the cover-resized image, centred or at one of bucket_corners (0 top-left,
+    # 1 top-right, 2 bottom-left, 3 bottom-right), chosen per image from its bytes.
+    bucket_base: int = 512
+    bucket_divisible: int = 32
+    bucket_crop: BucketCrop = "center"
+    bucket_corners: tuple[int, ...] = (0, 1, 2, 3)
+
+    @property
+    def transposes(self) -> bool:
+        """Whether the EXIF orientation is applied."""
+        return self.resize_mode == "bucket" if self.exif_transpose is None else self.exif_transpose
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 1, "image_size", "must be at least 1 pixel")
+        _require(self.bucket_divisible >= 1, "bucket_divisible", "must be at least 1 pixel")
+        _require(
+            self.bucket_base >= self.bucket_divisible,
+            "bucket_base",
+            f"must be at least bucket_divisible ({self.bucket_divisible})",
+        )
+        _require(self.bucket_crop in BUCKET_CROPS, "bucket_crop", f"must be one of {list(BUCKET_CROPS)}")
+        _require(
+            bool(self.bucket_corners) and set(self.bucket_corners) <= {0, 1, 2, 3},
+            "bucket_corners",
+            "must list one or more of 0 (top-left), 1 (top-right), 2 (bottom-left), 3 (bottom-right)",
+        )
         _require(self.resize_mode in RESIZE_MODES, "resize_mode", f"must be one of {list(RESIZE_MODES)}")
         for option in ("upscale_interpolation", "downscale_interpolation"):
             value = getattr(self, option)

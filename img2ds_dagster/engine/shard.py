@@ -159,7 +159,7 @@ def build_shard(  # noqa: PLR0913 - the last three are keyword-only, each with i
     target = ShardTarget(
         folder=manifest.output_folder,
         name=name,
-        schema=metadata_schema(rows.schema, settings.output),
+        schema=metadata_schema(rows.schema, settings.output, settings.image.resize_mode == "bucket"),
         encode_format=settings.image.encode_format,
         save_caption=settings.source.caption_col is not None,
         spool_dir=workers.spool_dir,

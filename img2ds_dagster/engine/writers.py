@@ -33,11 +33,21 @@ SAMPLE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("original_width", pa.int32()),
     ("original_height", pa.int32()),
 ]
+# resize_mode="bucket" adds the bucket each image went to (set for failed_to_resize rows too: the
+# bucket that would have needed upsampling).
+BUCKET_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("bucket_id", pa.string()),
+    ("target_width", pa.int32()),
+    ("target_height", pa.int32()),
+]
 
 
-def metadata_schema(input_schema: pa.Schema, output: OutputSettings) -> pa.Schema:
-    """img2dataset's metadata columns: the input columns, then the sample columns, exif and hash."""
+def metadata_schema(input_schema: pa.Schema, output: OutputSettings, bucketed: bool = False) -> pa.Schema:
+    """img2dataset's metadata columns: the input columns, then the sample columns (and the bucket
+    columns when ``bucketed``), exif and hash."""
     fields = [*input_schema, *(pa.field(n, t) for n, t in SAMPLE_COLUMNS)]
+    if bucketed:
+        fields += [pa.field(n, t) for n, t in BUCKET_COLUMNS]
     if output.extract_exif:
         fields.append(pa.field("exif", pa.string()))
     if output.compute_hash is not None and output.compute_hash not in input_schema.names:

@@ -4,6 +4,8 @@
 written the way img2dataset's command line (python-fire) reads them: ``True``/``False``, ``None``,
 ``inf``, and lists as ``'["noai","noindex"]'``, ``'[]'`` or ``noai,noindex``.
 ``img2ds demo`` downloads the bundled sample images from a local server through the Dagster assets.
+``img2ds export-buckets OUTPUT_FOLDER DEST`` regroups a bucket-mode output folder into the bucketed
+export (``export.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from .api import download
 from .demo import run_demo
-from .errors import ConfigError, InputTableError, ShardError
+from .errors import ConfigError, ExportError, InputTableError, ShardError
 
 
 def parse_value(text: str, annotation: Any) -> Any:
@@ -110,9 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Dagster's storage migrations log at INFO on every new instance; they are not news to a user.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    commands = {"download": _run_download, "demo": _run_demo}
+    commands = {"download": _run_download, "demo": _run_demo, "export-buckets": _run_export}
     if not argv or argv[0] not in commands:
-        print("usage: img2ds {download,demo} [options]   (img2ds download --help)", file=sys.stderr)
+        print(
+            "usage: img2ds {download,demo,export-buckets} [options]   (img2ds download --help)",
+            file=sys.stderr,
+        )
         return 2
     status = commands[argv[0]](argv[1:])
     # The process ends next (this is the console script's entry point): frozen objects are left out
@@ -126,6 +131,34 @@ def _run_demo(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="img2ds demo", description=run_demo.__doc__)
     parser.parse_args(argv)
     return run_demo()
+
+
+def _run_export(argv: Sequence[str]) -> int:
+    from .export import export_buckets  # noqa: PLC0415 - only this command needs it
+
+    parser = argparse.ArgumentParser(prog="img2ds export-buckets", description=export_buckets.__doc__)
+    parser.add_argument("output_folder", metavar="OUTPUT_FOLDER", help="a download's output folder")
+    parser.add_argument("destination", metavar="DEST", help="where the export goes (any fsspec URL)")
+    parser.add_argument("--samples_per_tar", type=int, default=1000, help="default: 1000")
+    parser.add_argument(
+        "--dedup",
+        type=lambda text: parse_value(text, bool),
+        default=True,
+        help="drop samples whose source bytes came before (by their sha256); default: True",
+    )
+    args = parser.parse_args(argv)
+    try:
+        report = export_buckets(args.output_folder, args.destination, args.samples_per_tar, args.dedup)
+    except ExportError as err:
+        print(f"img2ds: {err}", file=sys.stderr)
+        return 2
+    totals = report.manifest["totals"]
+    print(
+        f"{report.destination}: {totals['samples']} samples in {totals['buckets']} buckets, "
+        f"{totals['tars']} tars ({report.tars_written} written, {report.tars_kept} kept); "
+        f"{totals['duplicates_removed']} duplicates removed; manifest.json in {report.destination}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

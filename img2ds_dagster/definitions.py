@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from .defs.export import bucketed_dataset, bucketed_dataset_sensor
 from .defs.resources import S3InboxResource, StorageResource, WorkersResource, s3_resource
 from .defs.sensors import new_shards_sensor, s3_url_drop_sensor, url_drop_sensor
 from .defs.shards import shards
@@ -29,11 +30,12 @@ CLUSTER: dict[str, Any] = {
 }
 
 defs = dg.Definitions(
-    assets=[url_tables, shards, download_stats],
+    assets=[url_tables, shards, download_stats, bucketed_dataset],
     sensors=[
         url_drop_sensor,
         new_shards_sensor,
         download_stats_sensor,
+        bucketed_dataset_sensor,
         # Only where an S3 inbox is configured: elsewhere it could only fail or skip on every tick.
         *([s3_url_drop_sensor] if S3_INBOX else []),
     ],

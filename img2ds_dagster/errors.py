@@ -6,8 +6,9 @@ error message in the shard's metadata. Exceptions are for problems that stop a t
     Img2dsError
     ├── ConfigError                 an option has a bad value (names the option)
     ├── InputTableError             a URL file cannot be used (names the file, and the column or row)
-    └── ShardError                  one shard could not be produced (names the shard); Dagster retries it
-        └── StagingMissingError     the shard's staged input rows are gone: re-materialize its url_table
+    ├── ShardError                  one shard could not be produced (names the shard); Dagster retries it
+    │   └── StagingMissingError     the shard's staged input rows are gone: re-materialize its url_table
+    └── ExportError                 the bucketed export cannot be made (names the shard or table)
 """
 
 from __future__ import annotations
@@ -31,3 +32,8 @@ class ShardError(Img2dsError):
 
 class StagingMissingError(ShardError):
     """The staged input rows of a shard are missing, so the shard cannot be (re)built."""
+
+
+class ExportError(Img2dsError, ValueError):
+    """The bucketed export cannot be made from these shards; the message names the shard or table
+    and what it needs."""

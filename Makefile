@@ -22,6 +22,7 @@ demo: setup
 
 # The Dagster UI and daemon (sensors, backfills) on http://127.0.0.1:3000
 dev: setup
+	mkdir -p data/inbox
 	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 lint: setup

@@ -2,6 +2,10 @@
 machine, alternating over several rounds.
 
     python -m benchmarks.side_by_side --count 5000 --rounds 3
+    python -m benchmarks.side_by_side --tools dagster,dagster:bucket   # what bucket mode costs
+
+A tool named ``<tool>:bucket`` is that tool with ``resize_mode="bucket"`` at ``--bucket-base``
+(default 256, the image_size of the others, so both make images of about the same area).
 
 Each tool runs in a fresh process; the report gives, per tool, images/s (successful images over wall
 time), CPU milliseconds per successful image and the peak RSS and PSS of its whole process tree
@@ -71,6 +75,11 @@ def ensure_img2dataset(venv: Path) -> Path:
 
 
 def command(tool: str, options: dict[str, Any], img2dataset_python: Path) -> list[str]:
+    tool, _, variant = tool.partition(":")
+    if variant == "bucket":
+        options = {**options, "resize_mode": "bucket", "bucket_base": options.pop("bucket_base")}
+    else:
+        options = {k: v for k, v in options.items() if k != "bucket_base"}
     if tool == "img2dataset":
         return [str(img2dataset_python), "-c", IMG2DATASET_SCRIPT, json.dumps(options)]
     return [sys.executable, "-m", "benchmarks.tools", tool, json.dumps(options)]
@@ -85,7 +94,7 @@ def outcome(folder: Path) -> dict[str, int]:
 
 
 def run_once(tool: str, round_: int, options: dict[str, Any], work: Path, python: Path) -> Run:
-    out = work / tool
+    out = work / tool.replace(":", "-")
     shutil.rmtree(out, ignore_errors=True)
     # The previous run's output is still being written back (and this one's old output freed): done
     # now, and the disk left to settle, so that neither is charged to this tool.
@@ -247,6 +256,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--img2dataset-venv", default=str(ROOT / ".venv-img2dataset"))
+    parser.add_argument("--bucket-base", type=int, default=256, help="bucket_base of <tool>:bucket runs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -272,7 +282,7 @@ def main() -> int:
     with serve_corpus(Path(args.corpus)) as base_url:
         url_list = work / "urls.parquet"
         write_url_list(entries, base_url, args.count, url_list)
-        options = {**settings, "url_list": str(url_list)}
+        options = {**settings, "url_list": str(url_list), "bucket_base": args.bucket_base}
         for round_ in range(args.rounds):
             # Alternate who goes first, so that neither always runs on a warmer machine.
             order = tools if round_ % 2 == 0 else tools[::-1]

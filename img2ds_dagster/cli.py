@@ -4,6 +4,8 @@
 written the way img2dataset's command line (python-fire) reads them: ``True``/``False``, ``None``,
 ``inf``, and lists as ``'["noai","noindex"]'``, ``'[]'`` or ``noai,noindex``.
 ``img2ds demo`` downloads the bundled sample images from a local server through the Dagster assets.
+``img2ds stage PATH...`` registers URL files as ``url_tables`` partitions of the Dagster instance at
+$DAGSTER_HOME and stages them, so that ``dagster asset materialize`` works on their shards.
 ``img2ds export-buckets OUTPUT_FOLDER DEST`` regroups a bucket-mode output folder into the bucketed
 export (``export.py``).
 """
@@ -112,10 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Dagster's storage migrations log at INFO on every new instance; they are not news to a user.
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    commands = {"download": _run_download, "demo": _run_demo, "export-buckets": _run_export}
+    commands = {
+        "download": _run_download,
+        "stage": _run_stage,
+        "export-buckets": _run_export,
+        "demo": _run_demo,
+    }
     if not argv or argv[0] not in commands:
         print(
-            "usage: img2ds {download,demo,export-buckets} [options]   (img2ds download --help)",
+            f"usage: img2ds {{{','.join(commands)}}} [options]   (img2ds <command> --help)",
             file=sys.stderr,
         )
         return 2
@@ -131,6 +138,33 @@ def _run_demo(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="img2ds demo", description=run_demo.__doc__)
     parser.parse_args(argv)
     return run_demo()
+
+
+def _run_stage(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="img2ds stage",
+        description="Register URL files as url_tables partitions in the Dagster instance at "
+        "$DAGSTER_HOME and stage them (their settings come from img2ds.toml and <name>.img2ds.toml "
+        "beside them, as in the inbox). Then `dagster asset materialize` works for the table, its "
+        "shards and the stats.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="URL files: local paths or fsspec URLs")
+    parser.add_argument("--name", help="the partition key (default: the file name without its extension)")
+    parser.add_argument(
+        "--no-stage", dest="stage", action="store_false", help="only register the partition(s)"
+    )
+    args = parser.parse_args(argv)
+    if args.name and len(args.paths) > 1:
+        parser.error("--name names one file; give one PATH with it")
+    from .staging import stage_files  # noqa: PLC0415 - imports Dagster and the code location
+
+    try:
+        for line in stage_files(args.paths, args.name, args.stage):
+            print(line)
+    except (ConfigError, InputTableError) as err:
+        print(f"img2ds: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run_export(argv: Sequence[str]) -> int:

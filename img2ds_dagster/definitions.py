@@ -13,11 +13,12 @@ from typing import Any
 
 import dagster as dg
 
-from .defs.export import bucketed_dataset, bucketed_dataset_sensor
+from .defs.export import bucketed_dataset, bucketed_dataset_sensor, export_buckets
+from .defs.jobs import build_shards, stage_table
 from .defs.resources import S3InboxResource, StorageResource, WorkersResource, s3_resource
 from .defs.sensors import new_shards_sensor, s3_url_drop_sensor, url_drop_sensor
 from .defs.shards import shards
-from .defs.stats import download_stats, download_stats_sensor
+from .defs.stats import download_stats, download_stats_sensor, refresh_stats
 from .defs.url_tables import url_tables
 from .engine.runtime import prepare_process
 
@@ -31,6 +32,8 @@ CLUSTER: dict[str, Any] = {
 
 defs = dg.Definitions(
     assets=[url_tables, shards, download_stats, bucketed_dataset],
+    # What the launchpad offers and the sensors launch, instead of Dagster's unnamed asset job.
+    jobs=[stage_table, build_shards, refresh_stats, export_buckets],
     sensors=[
         url_drop_sensor,
         new_shards_sensor,

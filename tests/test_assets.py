@@ -20,6 +20,7 @@ from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
 from img2ds_dagster.definitions import defs
+from img2ds_dagster.defs.export import bucketed_dataset
 from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats, download_stats_sensor
@@ -248,10 +249,14 @@ def test_code_location_loads_with_the_asset_graph() -> None:
     assert graph.get(download_stats.key).parent_keys == {shards.key}
     mapping = graph.get_partition_mapping(shards.key, url_tables.key)
     assert isinstance(mapping, dg.SpecificPartitionsPartitionMapping)
-    assert {s.name for s in defs.sensors or []} == {
-        "url_drop_sensor",
-        "new_shards_sensor",
-        "download_stats_sensor",
+    assert graph.get(bucketed_dataset.key).parent_keys == {shards.key}
+    sensors = {s.name: s.job_name for s in defs.get_repository_def().sensor_defs}
+    # Named jobs, not Dagster's unnamed asset job, in the launchpad and on every sensor's runs.
+    assert sensors == {
+        "url_drop_sensor": "stage_table",
+        "new_shards_sensor": "build_shards",
+        "download_stats_sensor": "refresh_stats",
+        "bucketed_dataset_sensor": "export_buckets",
     }
 
 

@@ -130,6 +130,11 @@ def export_metadata(report: ExportReport, source: SourceTable) -> dict[str, dg.M
     }
 
 
+export_buckets = dg.define_asset_job(
+    "export_buckets",
+    selection=[bucketed_dataset],
+    description="Regroup a bucket-mode table's shards into its bucketed export (pick the table).",
+)
 # How many shard materializations a tick reads at most (the next tick reads on from its cursor).
 _TICK_RECORDS = 10_000
 _IN_FLIGHT = [
@@ -141,7 +146,7 @@ _IN_FLIGHT = [
 
 
 @dg.sensor(
-    target=[bucketed_dataset],
+    target=export_buckets,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(

@@ -19,14 +19,15 @@ from ..config import UrlTableConfig
 from ..engine.sources import Staging, table_key
 from ..errors import Img2dsError, InputTableError, StagingMissingError
 from .inbox import DropCursor, S3DropCursor, drop_config, list_s3_inbox
+from .jobs import build_shards, stage_table
 from .partitions import SHARDS, contiguous_ranges, range_tags, shards_per_run, url_tables_partitions
 from .resources import S3InboxResource, StorageResource
-from .shards import built_from_staging, shards
+from .shards import built_from_staging
 from .url_tables import url_tables
 
 
 @dg.sensor(
-    target=[url_tables],
+    target=stage_table,
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Registers each new URL file in the inbox as a url_tables partition and stages it.",
@@ -50,7 +51,7 @@ def url_drop_sensor(
 
 
 @dg.sensor(
-    target=[url_tables],
+    target=stage_table,
     minimum_interval_seconds=10,
     # Only in the code location when IMG2DS_S3_INBOX is set (definitions.py); running from then on.
     default_status=dg.DefaultSensorStatus.RUNNING,
@@ -137,7 +138,7 @@ def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, U
 
 
 @dg.sensor(
-    target=[shards],
+    target=build_shards,
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Builds the shards of each newly staged table, up to IMG2DS_SHARDS_PER_RUN shards per run "

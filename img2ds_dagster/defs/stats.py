@@ -54,8 +54,13 @@ def download_stats(context: dg.AssetExecutionContext, storage: StorageResource) 
     )
 
 
+refresh_stats = dg.define_asset_job(
+    "refresh_stats", selection=[download_stats], description="Recount download_stats over every shard."
+)
+
+
 @dg.sensor(
-    target=[download_stats],
+    target=refresh_stats,
     minimum_interval_seconds=120,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Refreshes download_stats when shards were materialized since its last refresh.",

@@ -10,8 +10,11 @@ from ..config import UrlTableConfig
 from ..engine.sources import TableManifest
 from ..engine.storage import absolute
 from ..errors import StagingMissingError
+from .inbox import drop_config
 from .partitions import SHARDS, chunked, shard_keys, url_tables_partitions
 from .resources import StorageResource
+
+_NO_OPTIONS = UrlTableConfig().model_dump(exclude={"source"})
 
 
 @dg.asset(
@@ -29,9 +32,14 @@ def url_tables(
         previous: TableManifest | None = staging.manifest(table)
     except StagingMissingError:
         previous = None
+    source = config.source or storage.inbox_file(table)
+    if config.model_dump(exclude={"source"}) == _NO_OPTIONS:
+        # A run given no options (the shell's `dagster asset materialize`, a backfill) takes them
+        # from the settings files beside the URL file, as the inbox sensor does.
+        config = drop_config(source)
     manifest = staging.stage(
         table,
-        source=config.source or storage.inbox_file(table),
+        source=source,
         settings=config.to_settings(),
         output_folder=absolute(config.output_folder or storage.dataset_folder(table)),
         first_shard_id=config.first_shard_id,

@@ -1,0 +1,69 @@
+"""``img2ds stage`` from the shell, then ``dagster asset materialize`` of the table, a shard and the
+stats, each in a fresh process on the same instance, as a user would type them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_url_file
+from imageserver import ImageServer
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def shell(tmp_path: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(ROOT),
+        "IMG2DS_DAGSTER_STORAGE": str(tmp_path / "dagster"),
+        "IMG2DS_INBOX": str(tmp_path / "inbox"),
+        "IMG2DS_STAGING": str(tmp_path / "staging"),
+        "IMG2DS_DATASETS": str(tmp_path / "datasets"),
+    }
+    return subprocess.run(
+        [str(BIN / command[0]), *command[1:]],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_stage_then_dagster_asset_materialize(server: ImageServer, tmp_path: Path) -> None:
+    # A file nowhere near the inbox, with its own settings file beside it.
+    urls = [server.url("/gen/640x480.jpg"), server.url("/gen/320x240.png"), server.url("/status/404")]
+    path = write_url_file(tmp_path / "lists" / "fresh.csv", urls, captions=["a", "b", "c"])
+    (tmp_path / "lists" / "fresh.img2ds.toml").write_text(
+        'caption_col = "caption"\nnumber_sample_per_shard = 2\n'
+    )
+    staged = shell(tmp_path, "img2ds", "stage", str(path))
+    assert staged.returncode == 0, staged.stderr
+    assert "url_tables[fresh]: 3 rows in 2 shards (fresh/00000 .. fresh/00001)" in staged.stdout
+    materialize = ("dagster", "asset", "materialize", "-m", "img2ds_dagster.definitions", "--select")
+    for selection, partition in (
+        ("url_tables", "fresh"),
+        ("shards", "fresh/00001"),
+        ("shards", "fresh/00000"),
+    ):
+        run = shell(tmp_path, *materialize, selection, "--partition", partition)
+        assert run.returncode == 0, run.stderr[-3000:]
+    stats = shell(tmp_path, *materialize, "download_stats")
+    assert stats.returncode == 0, stats.stderr[-3000:]
+    totals = json.loads((tmp_path / "datasets" / "download_stats.json").read_text())["totals"]
+    assert (totals["count"], totals["successes"], totals["shards"]) == (3, 2, 2)
+    # --name, --no-stage, and errors in one line.
+    named = shell(tmp_path, "img2ds", "stage", str(path), "--name", "other", "--no-stage")
+    assert named.stdout.strip() == f"url_tables[other]: registered ({path})"
+    bad = write_url_file(tmp_path / "lists" / "bad.csv", urls)
+    (tmp_path / "lists" / "bad.img2ds.toml").write_text('caption_col = "caption"\n')
+    refused = shell(tmp_path, "img2ds", "stage", str(bad))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0
+    assert "bad.csv: missing column(s) ['caption']" in refused.stderr

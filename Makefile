@@ -23,7 +23,7 @@ demo: setup
 # The Dagster UI and daemon (sensors, backfills) on http://127.0.0.1:3000
 dev: setup
 	mkdir -p data/inbox
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	VIRTUAL_ENV=$(CURDIR)/$(VENV) $(BIN)/dg dev -h 127.0.0.1 -p 3000
 
 lint: setup
 	$(BIN)/ruff check img2ds_dagster tests benchmarks

@@ -273,3 +273,32 @@ def test_dagster_cli_validates_the_workspace(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Validation successful" in result.stdout + result.stderr
+
+
+def test_dg_lists_the_projects_definitions(tmp_path: Path) -> None:
+    """`dg dev` and `dg launch` find the code location through [tool.dg] in pyproject.toml."""
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(ROOT),
+        "IMG2DS_DAGSTER_STORAGE": str(tmp_path),
+        "VIRTUAL_ENV": str(Path(sys.executable).parents[1]),
+    }
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "dg"), "list", "defs", "--json"],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assets = {a["asset_key"] for a in found["assets"]}
+    assert assets == {"url_tables", "shards", "download_stats", "bucketed_dataset"}
+    assert {j["name"] for j in found["jobs"]} >= {
+        "stage_table",
+        "build_shards",
+        "refresh_stats",
+        "export_buckets",
+    }

@@ -1,0 +1,184 @@
+"""What a written shard must be, checked on the files themselves (the ``shards`` asset's checks):
+
+- **complete**: the metadata parquet has one row per staged input row, in key order; every
+  ``success`` row has its image, its json and (when captions are saved) its caption in the shard,
+  and the shard holds nothing else; the stats file counts what the parquet says.
+- **success rate**: the share of ``success`` rows, against a threshold.
+
+The shard is read back as a reader would (the tar streamed, the folder listed, the parquet's image
+column, the TFRecord's records): on an object store that is one more download of each shard.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow.parquet as pq
+
+from .stats import stats_path
+from .storage import join
+from .tfrecord import read_tfrecord
+
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardReport:
+    """What was found in one written shard."""
+
+    rows: int
+    successes: int
+    problems: list[str] = field(default_factory=list)  # empty: complete
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.rows if self.rows else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenShard:
+    """Where a shard is and what it was made from."""
+
+    folder: str
+    name: str
+    output_format: str
+    encode_format: str
+    staged_rows: int
+    save_caption: bool
+
+
+def verify_shard(shard: WrittenShard) -> ShardReport:
+    """Check a written shard against its staged input and its own files."""
+    stats_file = stats_path(shard.folder, shard.name)
+    if shard.output_format == "dummy":
+        stats = _read_json(stats_file)
+        if stats is None:
+            return ShardReport(0, 0, [f"{stats_file} is missing"])
+        count = stats["count"]
+        wrong = (
+            [] if count == shard.staged_rows else [f"stats count {count} != {shard.staged_rows} staged rows"]
+        )
+        return ShardReport(count, stats["successes"], wrong)
+    parquet = join(shard.folder, f"{shard.name}.parquet")
+    try:
+        with fsspec.open(parquet, "rb") as f:
+            names = pq.read_schema(f).names
+            table = pq.read_table(
+                f, columns=[c for c in ("key", "status", shard.encode_format) if c in names]
+            )
+    except FileNotFoundError:
+        return ShardReport(0, 0, [f"{parquet} is missing"])
+    keys = [str(k) for k in table.column("key").to_pylist()]
+    status = table.column("status").to_pylist()
+    problems: list[str] = []
+    if len(keys) != shard.staged_rows:
+        problems.append(f"{len(keys)} metadata rows for {shard.staged_rows} staged input rows")
+    if keys != sorted(keys) or len(set(keys)) != len(keys):
+        problems.append("the metadata rows are not one per key in key order")
+    ok = {k for k, s in zip(keys, status, strict=True) if s == "success"}
+    problems += _stats_problems(stats_file, len(keys), Counter(status))
+    if shard.output_format == "parquet":
+        column = shard.encode_format
+        images = table.column(column).to_pylist() if column in table.column_names else []
+        with_image = {k for k, image in zip(keys, images, strict=False) if image}
+        problems += _set_problems("images in the parquet", ok, with_image)
+    else:
+        problems += _file_problems(shard, ok)
+    return ShardReport(len(keys), len(ok), problems)
+
+
+def _file_problems(shard: WrittenShard, ok: set[str]) -> list[str]:
+    """Every successful sample's files in the shard, once each, and nothing else."""
+    expected: Counter[str] = Counter()
+    for key in ok:
+        expected.update([f"{key}.{shard.encode_format}", f"{key}.json"])
+        if shard.save_caption:
+            expected[f"{key}.txt"] += 1
+    found = _members(shard)
+    if found is None:
+        return [f"{shard.name}: its {shard.output_format} file is missing"]
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    doubled = sorted(m for m, n in found.items() if n > 1)
+    if missing:
+        problems.append(f"{len(missing)} files of successful samples missing, e.g. {missing[:3]}")
+    if extra:
+        problems.append(f"{len(extra)} files that no successful sample has, e.g. {extra[:3]}")
+    if doubled:
+        problems.append(f"{len(doubled)} files written twice, e.g. {doubled[:3]}")
+    return problems
+
+
+def _read_json(path: str) -> dict[str, int] | None:
+    try:
+        with fsspec.open(path, "rb") as f:
+            data: dict[str, int] = json.load(f)
+            return data
+    except FileNotFoundError:
+        return None
+
+
+def _stats_problems(stats_file: str, rows: int, counts: Counter[str]) -> list[str]:
+    stats = _read_json(stats_file)
+    if stats is None:
+        return [f"{stats_file} is missing"]
+    wanted = {
+        "count": rows,
+        "successes": counts["success"],
+        "failed_to_download": counts["failed_to_download"],
+        "failed_to_resize": counts["failed_to_resize"],
+    }
+    return [
+        f"stats {k} {stats.get(k)} != {v} in the metadata" for k, v in wanted.items() if stats.get(k) != v
+    ]
+
+
+def _set_problems(what: str, expected: set[str], found: set[str]) -> list[str]:
+    problems = []
+    if expected - found:
+        problems.append(f"{len(expected - found)} successful samples without {what}")
+    if found - expected:
+        problems.append(f"{len(found - expected)} {what} of samples that did not succeed")
+    return problems
+
+
+def _members(shard: WrittenShard) -> Counter[str] | None:
+    """The file names a shard holds, counted (a tar may hold a name twice); a TFRecord's examples
+    count as the files they stand for (image, metadata, caption)."""
+    folder, name, output_format, save_caption = (
+        shard.folder,
+        shard.name,
+        shard.output_format,
+        shard.save_caption,
+    )
+    try:
+        if output_format == "webdataset":
+            with (
+                fsspec.open(join(folder, f"{name}.tar"), "rb") as raw,
+                tarfile.open(fileobj=raw, mode="r|") as tar,
+            ):
+                return Counter(member.name for member in tar)
+        if output_format == "files":
+            fs, root = fsspec.core.url_to_fs(join(folder, name))
+            if not fs.isdir(root):
+                return None
+            return Counter(str(p).rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        if output_format == "tfrecord":
+            found: Counter[str] = Counter()
+            for example in read_tfrecord(join(folder, f"{name}.tfrecord")):
+                key = example["key"][0].decode()  # type: ignore[union-attr]
+                ext = next(e for e in IMAGE_EXTENSIONS if e in example)
+                found.update([f"{key}.{ext}", f"{key}.json"] + ([f"{key}.txt"] if save_caption else []))
+            return found
+    except FileNotFoundError:
+        return None
+    raise ValueError(f"output_format {output_format!r} has no files to list")

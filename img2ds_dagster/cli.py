@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "download": _run_download,
         "stage": _run_stage,
         "export-buckets": _run_export,
+        "preview": _run_preview,
         "demo": _run_demo,
     }
     if not argv or argv[0] not in commands:
@@ -164,6 +165,28 @@ def _run_stage(argv: Sequence[str]) -> int:
     except (ConfigError, InputTableError) as err:
         print(f"img2ds: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_preview(argv: Sequence[str]) -> int:
+    from .preview import default_destination, write_preview  # noqa: PLC0415 - only this command needs it
+
+    parser = argparse.ArgumentParser(
+        prog="img2ds preview",
+        description="Write a static HTML page with a sample of each shard: thumbnails with their "
+        "captions, and failed rows with their status and error.",
+    )
+    parser.add_argument("output_folder", metavar="OUTPUT_FOLDER")
+    parser.add_argument("--out", help="the HTML file (default: OUTPUT_FOLDER/preview.html)")
+    parser.add_argument("--per_shard", type=int, default=16, help="samples per shard; default: 16")
+    args = parser.parse_args(argv)
+    destination = args.out or default_destination(args.output_folder)
+    try:
+        shards, samples = write_preview(args.output_folder, destination, args.per_shard)
+    except ExportError as err:
+        print(f"img2ds: {err}", file=sys.stderr)
+        return 2
+    print(f"{destination}: {samples} samples of {shards} shards")
     return 0
 
 

@@ -25,7 +25,6 @@ from .resources import S3InboxResource, StorageResource
 from .shards import built_from_staging
 from .url_tables import url_tables
 
-
 # Dagster's sensor daemon looks at its sensors every 5 s at most, so a shorter interval would not
 # tick sooner; a tick lists the inbox or reads the newest url_tables events, cheap at that rate.
 # (benchmarks/inbox_latency.py: a 10-row file dropped to its shard built in 20 s, median of 5, with

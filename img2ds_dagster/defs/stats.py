@@ -5,6 +5,7 @@
 
 import dagster as dg
 
+from ..engine.pictures import bar_chart, markdown_image
 from ..engine.stats import DatasetStats, aggregate, read_stats_files, stats_path
 from ..engine.storage import write_json_atomic
 from .resources import StorageResource
@@ -21,6 +22,20 @@ def collect_stats(storage: StorageResource) -> DatasetStats:
             stats_path(manifest.output_folder, manifest.shard_name(i)) for i in manifest.shard_ids
         ]
     return aggregate(read_stats_files(paths))
+
+
+def charts(stats: DatasetStats) -> str:
+    """Success rate and images/s per table, and the most frequent errors, as images in markdown."""
+    tables = stats.per_table.to_dicts()
+    errors: dict[str, int] = {}
+    for row in stats.errors.iter_rows(named=True):
+        errors[row["error"]] = errors.get(row["error"], 0) + row["count"]
+    svgs = [
+        bar_chart("success rate per table", [(t["table"], 100 * t["success_rate"]) for t in tables], " %"),
+        bar_chart("images/s per table", [(t["table"], t["images_per_second"]) for t in tables]),
+        bar_chart("most frequent errors", sorted(errors.items(), key=lambda e: -e[1])[:10]),
+    ]
+    return "\n\n".join(markdown_image(svg.encode(), "image/svg+xml", "chart") for svg in svgs)
 
 
 @dg.asset(
@@ -49,6 +64,7 @@ def download_stats(context: dg.AssetExecutionContext, storage: StorageResource) 
             "retry_wait_seconds": dg.MetadataValue.float(round(totals["retry_wait_seconds"], 1)),
             "images_per_second": dg.MetadataValue.float(round(totals.get("images_per_second", 0.0), 1)),
             "summary": dg.MetadataValue.md(stats.markdown()),
+            "charts": dg.MetadataValue.md(charts(stats)),
             "stats_file": dg.MetadataValue.path(path),
         }
     )

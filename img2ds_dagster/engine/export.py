@@ -333,7 +333,7 @@ def _metadata(shard: SourceShard) -> pa.Table:
 def _image_ext(shards: Sequence[SourceShard]) -> str:
     """The image extension of the first image found (a table has one encode_format)."""
     for shard in shards:
-        images = _images(shard, None)
+        images = read_images(shard, None)
         first = next(images, None)
         images.close()
         if first is not None:
@@ -345,7 +345,7 @@ def _open(path: str) -> IO[bytes]:
     return fsspec.open(path, "rb").open()  # type: ignore[no-any-return]
 
 
-def _images(shard: SourceShard, keys: set[str] | None) -> Generator[tuple[str, str, bytes]]:
+def read_images(shard: SourceShard, keys: set[str] | None) -> Generator[tuple[str, str, bytes]]:
     """(key, extension, bytes) of the images of the samples of ``keys`` (None: all), in the
     shard's order."""
     if shard.output_format == "webdataset":
@@ -503,7 +503,7 @@ class _TarWriters:
             shard = self.shards[index]
             rows = {str(r["key"]): r for r in _metadata(shard).to_pylist()}
             got = 0
-            for key, ext, image in _images(shard, wanted[index]):
+            for key, ext, image in read_images(shard, wanted[index]):
                 self._add(self.where[(index, key)], shard, rows[key], ext, image)
                 got += 1
             if got != len(wanted[index]):

@@ -3,7 +3,8 @@ Dagster assets as the code location, in this process.
 
 The Dagster instance lives in ``<output_folder>/.img2ds/`` (a hidden folder, so the visible layout is
 img2dataset's): calling ``download()`` again with the same arguments only builds the shards that are
-not materialized yet.
+not materialized yet; with ``incremental_mode="retry_failed"`` it also downloads again the rows of
+the built shards whose last try failed transiently (engine/retry.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import dagster as dg
 import pydantic
 
 from .config import DownloadConfig, config_error
-from .defs.partitions import shard_keys
+from .defs.partitions import SHARDS, contiguous_ranges, range_tags, shard_job, shard_keys
 from .defs.resources import StorageResource, WorkersResource
+from .defs.shards import shards
 from .defs.stats import collect_stats
+from .engine.retry import Retried, transient_failures
 from .engine.runtime import prepare_process
 from .engine.settings import (
     BucketCrop,
@@ -36,7 +39,8 @@ from .engine.settings import (
 )
 from .engine.shard import Workers
 from .engine.sources import TableManifest, list_input_files, table_key
-from .engine.storage import absolute, join, local_path, remove
+from .engine.stats import stats_path
+from .engine.storage import absolute, join, local_path, read_json, remove
 from .errors import ConfigError, ShardError
 from .runner import AssetRunner, ShardsOutcome
 
@@ -63,9 +67,12 @@ class DownloadReport:
     shards_skipped: list[str] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
     stats_file: str = ""
+    # incremental_mode="retry_failed": the rows downloaded again, and how many of them succeeded
+    retried: int = 0
+    recovered: int = 0
 
 
-IncrementalMode = Literal["incremental", "overwrite", "extend"]
+IncrementalMode = Literal["incremental", "overwrite", "extend", "retry_failed"]
 # The per-table options' defaults, which are the engine's (config.py): the signature below reads them
 # from here, so a default is written once.
 _D = DownloadConfig()
@@ -132,6 +139,7 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     bucket_divisible: int = _D.bucket_divisible,
     bucket_crop: BucketCrop = _D.bucket_crop,
     bucket_corners: list[int] | None = None,
+    min_success_rate: float = _D.min_success_rate,
 ) -> DownloadReport:
     """Download the images of ``url_list`` into ``output_folder``, img2dataset-style.
 
@@ -173,6 +181,7 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
             runner, dict(zip(tables, files, strict=True)), config, output_folder, incremental_mode
         )
         outcome = _build_shards(runner, keys, subjob_size, max_shard_retry)
+        retried = _retry_failed(runner, outcome, subjob_size) if incremental_mode == "retry_failed" else None
         runner.refresh_stats()
     if outcome.failed:
         raise ShardError(
@@ -187,6 +196,8 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
         shards_skipped=outcome.skipped,
         totals=collect_stats(storage).totals,
         stats_file=storage.stats_path(),
+        retried=retried.retried if retried else 0,
+        recovered=retried.recovered if retried else 0,
     )
 
 
@@ -245,6 +256,52 @@ def _build_shards(
         outcome.built += retried.built
         outcome.failed = retried.failed
     return outcome
+
+
+def _retry_failed(runner: AssetRunner, outcome: ShardsOutcome, max_per_run: int) -> Retried:
+    """incremental_mode="retry_failed", after the shards not built yet were built: the built ones
+    with transient failures built again in the shards asset's retry_failed mode; the others are
+    left as they are. Recovered rows are counted from the shards' stats files, before and after."""
+    tables = runner.staged_tables(shard_job(k).table for k in outcome.skipped)
+    files: dict[str, tuple[str, str]] = {}
+    for key in outcome.skipped:
+        job = shard_job(key)
+        manifest = tables[job.table]
+        files[key] = (manifest.output_folder, manifest.shard_name(job.shard_id))
+    transient = {key: transient_failures(*where) for key, where in files.items()}
+    # None: built, but its files are not complete any more; the retry_failed build builds it in full.
+    wanted = [key for key in outcome.skipped if transient[key] != 0]
+    if not wanted:
+        return Retried()
+    before = {key: _successes(*files[key]) for key in wanted}
+    log.info("retrying the transient failures of %d shards", len(wanted))
+    ordered = runner.instance.get_dynamic_partitions(SHARDS)
+    built: set[str] = set()
+    for first, last in contiguous_ranges(ordered, wanted, max_per_run):
+        # AssetRunner.build_shards, with the shards asset's run config.
+        result = runner._materialize(
+            shards, raise_on_error=False, tags=range_tags(first, last), run_config=RETRY_FAILED_RUN_CONFIG
+        )
+        built.update(e.partition for e in result.get_asset_materialization_events() if e.partition)
+    done = [key for key in wanted if key in built]
+    outcome.built += done
+    outcome.failed += [key for key in wanted if key not in built]
+    outcome.skipped = [key for key in outcome.skipped if key not in wanted]
+    return Retried(
+        retried=sum(transient[key] or 0 for key in done),
+        recovered=sum(max(0, _successes(*files[key]) - before[key]) for key in done),
+    )
+
+
+RETRY_FAILED_RUN_CONFIG = {"ops": {"shards": {"config": {"retry_failed": True}}}}
+
+
+def _successes(folder: str, name: str) -> int:
+    """The successes a shard's stats file counts; 0 when it has none."""
+    try:
+        return int(read_json(stats_path(folder, name))["successes"])
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return 0
 
 
 def table_config(arguments: Mapping[str, Any]) -> DownloadConfig:

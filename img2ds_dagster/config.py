@@ -181,6 +181,10 @@ class DownloadConfig(dg.Config):
         default=_FETCH.respect_xmp_data_mining,
         description="Refuse images whose XMP DataMining field prohibits AI/ML training.",
     )
+    min_success_rate: float = Field(
+        default=_OUTPUT.min_success_rate,
+        description="The shards' success_rate check warns under this share of successful samples.",
+    )
 
     def to_settings(self) -> DownloadSettings:
         """The engine's settings; raises ConfigError naming the option when a value cannot work."""
@@ -206,4 +210,18 @@ class UrlTableConfig(DownloadConfig):
     )
     first_shard_id: int = Field(
         default=0, description="Id of the table's first shard (to number after another table)."
+    )
+
+
+class ShardsConfig(dg.Config):
+    """The ``shards`` asset's run config: how a run builds its shards, not what they hold (a
+    backfill or a launchpad run sets it)."""
+
+    retry_failed: bool = Field(
+        default=False,
+        description=(
+            "Download again only the rows of each built shard whose last try failed transiently "
+            "(timeouts, connection errors, 429, 5xx) and rewrite it with the rows it had; a shard "
+            "not built yet is built in full, one with nothing to retry is left as it is."
+        ),
     )

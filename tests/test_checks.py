@@ -7,13 +7,19 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES, write_url_file
 from imageserver import ImageServer
 
 from img2ds_dagster import download
+from img2ds_dagster.defs.resources import StorageResource, WorkersResource
+from img2ds_dagster.defs.shards import shards
+from img2ds_dagster.defs.stats import download_stats
+from img2ds_dagster.defs.url_tables import url_tables
 from img2ds_dagster.engine.verify import WrittenShard, verify_shard
 
 ROWS = len(GOOD_IMAGES) + len(BAD_IMAGES)
@@ -88,3 +94,86 @@ def test_a_parquet_shard_without_an_image_is_named(server: ImageServer, tmp_path
     first_ok["jpg"] = None
     pq.write_table(pq.read_table(parquet).from_pylist(rows, schema=pq.read_schema(parquet)), parquet)
     assert verify_shard(shard).problems == ["1 successful samples without images in the parquet"]
+
+
+# The checks as the shards asset records them, per partition.
+
+
+def _check_records(instance: dg.DagsterInstance, name: str) -> dict[str | None, Any]:
+    key = dg.AssetCheckKey(dg.AssetKey("shards"), name)
+    records = instance.event_log_storage.get_asset_check_execution_history(key, limit=100)
+    latest: dict[str | None, Any] = {}
+    for record in records:  # newest first
+        latest.setdefault(record.partition, record)
+    return latest
+
+
+def test_the_shards_asset_records_its_checks_per_shard(server: ImageServer, tmp_path: Path) -> None:
+    good = [server.url(p) for p in GOOD_IMAGES][:4]
+    bad = [server.url("/status/404")] * 4
+    write_url_file(tmp_path / "inbox" / "t.txt", good + bad)  # shard 0 all good, shard 1 all 404s
+    resources = {
+        "storage": StorageResource(
+            inbox=str(tmp_path / "inbox"),
+            staging=str(tmp_path / "staging"),
+            datasets=str(tmp_path / "datasets"),
+        ),
+        "workers": WorkersResource(thread_count=8),
+    }
+    assets = [url_tables, shards, download_stats]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("url_tables", ["t"])
+        config = {
+            "number_sample_per_shard": 4,
+            "output_format": "webdataset",
+            "timeout": 5,
+            "min_success_rate": 0.5,
+        }
+        dg.materialize(
+            assets,
+            selection=[url_tables],
+            partition_key="t",
+            instance=instance,
+            resources=resources,
+            run_config={"ops": {"url_tables": {"config": config}}},
+        )
+        ranged = dg.materialize(
+            assets,
+            selection=[shards],
+            instance=instance,
+            resources=resources,
+            tags={
+                "dagster/asset_partition_range_start": "t/00000",
+                "dagster/asset_partition_range_end": "t/00001",
+            },
+        )
+        assert ranged.success  # a low success rate warns, it does not fail the run
+        complete, rate = (
+            _check_records(instance, "shard_is_complete"),
+            _check_records(instance, "success_rate"),
+        )
+        assert {k: r.status.value for k, r in complete.items() if k} == {
+            "t/00000": "SUCCEEDED",
+            "t/00001": "SUCCEEDED",
+        }
+        assert {k: r.status.value for k, r in rate.items() if k} == {
+            "t/00000": "SUCCEEDED",
+            "t/00001": "FAILED",
+        }
+        evaluation = rate["t/00001"].event.dagster_event.event_specific_data
+        assert evaluation.severity == dg.AssetCheckSeverity.WARN
+        assert evaluation.metadata["success_rate"].value == 0.0
+        # The run's own result per check counts the shards.
+        summary = rate[None].event.dagster_event.event_specific_data
+        assert summary.description == "1 of 2 shards of this run passed"
+        # The contact sheet of the good shard, an image in markdown.
+        (event,) = [e for e in ranged.asset_materializations_for_node("shards") if e.partition == "t/00000"]
+        assert str(event.metadata["contact_sheet"].value).startswith(
+            "![contact sheet](data:image/jpeg;base64,"
+        )
+        # One shard in a run of its own: Dagster gives the result its partition.
+        single = dg.materialize(
+            assets, selection=[shards], partition_key="t/00001", instance=instance, resources=resources
+        )
+        assert single.success
+        assert _check_records(instance, "shard_is_complete")["t/00001"].run_id == single.run_id

@@ -5,6 +5,7 @@ each finishes."""
 # No `from __future__ import annotations` here: Dagster reads the parameter annotations of the
 # decorated functions (context, config, resources) at definition time and needs real types.
 
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -12,10 +13,13 @@ from typing import Any
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
+from ..config import ShardsConfig
 from ..engine.distribute import build_shards
 from ..engine.shard import ShardResult
 from ..engine.sources import TableManifest
+from ..engine.verify import ShardReport
 from ..errors import ConfigError, ShardError
+from .checks import contact_sheet_metadata, inspect_shard, log_shard_checks, shard_check_specs, step_results
 from .partitions import shard_job, shard_keys, shards_partitions, shards_per_run
 from .resources import StorageResource, WorkersResource
 from .url_tables import url_tables
@@ -37,36 +41,50 @@ with warnings.catch_warnings():
         ),
         pool="img2ds_download",
         output_required=False,
+        check_specs=shard_check_specs(),
         group_name="img2ds",
         # No format badge: the format is a table's setting (each materialization names it).
         description="One shard of a URL table: images downloaded, resized and written with their metadata.",
     )
     def shards(
-        context: dg.AssetExecutionContext, storage: StorageResource, workers: WorkersResource
-    ) -> Iterator[dg.AssetMaterialization]:
+        context: dg.AssetExecutionContext,
+        config: ShardsConfig,
+        storage: StorageResource,
+        workers: WorkersResource,
+    ) -> Iterator[dg.AssetMaterialization | dg.AssetCheckResult]:
         keys = context.partition_keys
         done = _materialized_in_this_run(context) if context.retry_number > 0 else set()
         if done:
             context.log.info(f"retry {context.retry_number}: skipping {len(done)} shards finished before")
         try:
-            settings = workers.workers()
+            settings = dataclasses.replace(workers.workers(), retry_failed=config.retry_failed)
         except ConfigError as err:  # the same on every retry: not retried
             raise dg.Failure(description=str(err), allow_retries=False) from err
         jobs = {shard_job(key): key for key in keys if key not in done}
         failed: dict[str, ShardError] = {}
-        for job, result in build_shards(storage.staging_area().root, list(jobs), settings):
+        staging = storage.staging_area()
+        reports: dict[str, tuple[ShardReport, float]] = {}
+        per_shard_checks = len(keys) > 1  # see checks.py
+        for job, result in build_shards(staging.root, list(jobs), settings):
             key = jobs[job]
             if isinstance(result, ShardError):
                 failed[key] = result
                 context.log.error(f"{key} failed: {result}")
                 continue
-            yield shard_materialization(context.asset_key, key, result)
+            manifest = staging.manifest(result.table)
+            report = inspect_shard(manifest, result)
+            threshold = manifest.settings.output.min_success_rate
+            reports[key] = (report, threshold)
+            yield shard_materialization(context.asset_key, key, result, contact_sheet_metadata(report))
+            if per_shard_checks:
+                log_shard_checks(context, key, report, threshold)
         if failed:
             raise dg.Failure(
                 description=f"{len(failed)} of {len(jobs)} shards failed: "
                 + "; ".join(map(str, failed.values())),
                 metadata={"failed_shards": dg.MetadataValue.json(sorted(failed))},
             )
+        yield from step_results(reports, per_shard_checks)
 
 
 def _materialized_in_this_run(context: dg.AssetExecutionContext) -> set[str]:
@@ -148,13 +166,15 @@ def built_from_staging(instance: dg.DagsterInstance, manifest: TableManifest) ->
     }
 
 
-def shard_materialization(asset_key: dg.AssetKey, key: str, result: ShardResult) -> dg.AssetMaterialization:
+def shard_materialization(
+    asset_key: dg.AssetKey, key: str, result: ShardResult, extra: dict[str, dg.MetadataValue] | None = None
+) -> dg.AssetMaterialization:
     """A built shard's materialization: its metadata, and its input fingerprint as data version."""
     fingerprint = result.input_fingerprint
     return dg.AssetMaterialization(
         asset_key=asset_key,
         partition=key,
-        metadata=shard_metadata(result),
+        metadata={**shard_metadata(result), **(extra or {})},
         tags={DATA_VERSION_TAG: fingerprint} if fingerprint else None,
     )
 
@@ -181,4 +201,16 @@ def shard_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
         "worker": dg.MetadataValue.text(s.worker),
         # What download() and new_shards_sensor compare with the table's staging (built_from_staging).
         **({INPUT_FINGERPRINT: dg.MetadataValue.text(fingerprint)} if fingerprint else {}),
+        **(retry_metadata(result) if result.retry is not None else {}),
+    }
+
+
+def retry_metadata(result: ShardResult) -> dict[str, dg.MetadataValue[Any]]:
+    """A retry_failed build's counts, and why the shard was built in full instead, if it was."""
+    retry = result.retry
+    assert retry is not None
+    return {
+        "retried": dg.MetadataValue.int(retry.retried),
+        "recovered": dg.MetadataValue.int(retry.recovered),
+        **({"rebuilt_in_full": dg.MetadataValue.text(retry.rebuilt)} if retry.rebuilt else {}),
     }

@@ -248,8 +248,12 @@ class OutputSettings:
     oom_shard_count: int = 5
     extract_exif: bool = True
     compute_hash: HashType | None = "sha256"
+    # The shards asset's success_rate check warns (it does not fail the shard) under this share of
+    # successful samples; link rot leaves LAION-style lists at 50-80% today.
+    min_success_rate: float = 0.5
 
     def __post_init__(self) -> None:
+        _require(0 <= self.min_success_rate <= 1, "min_success_rate", "must be between 0 and 1")
         _require(
             self.output_format in OUTPUT_FORMATS, "output_format", f"must be one of {list(OUTPUT_FORMATS)}"
         )

@@ -25,6 +25,7 @@ from ..errors import ConfigError, ShardError
 from .cpu import CpuPool, Spool, default_cpu_threads
 from .fetch import Fetcher, HttpClient, host_of
 from .polite import DEFAULT_CONNECTIONS_PER_HOST, DEFAULT_HOST_FAILURE_LIMIT, Claim, Deferred, Politeness
+from .retry import Previous, Retried, read_previous
 from .runtime import prepare_process
 from .sample import Outcome, SampleTask, SampleWorker, metadata_row, sample_tasks
 from .settings import DISTRIBUTORS, DistributorName, DownloadSettings, OutputFormat, sample_key
@@ -63,6 +64,10 @@ class Workers:
     cluster: str | None = None
     task_retries: int = 3
     shared_filesystem: bool = False
+    # Download again only the rows of a complete shard whose last try failed transiently, keeping
+    # its other rows as written (retry.py): the same shard as a full build in which those downloads
+    # succeeded, from fewer requests. A shard not complete yet is built in full.
+    retry_failed: bool = False
 
     def __post_init__(self) -> None:
         if self.distributor not in DISTRIBUTORS:
@@ -107,6 +112,7 @@ class ShardResult:
     stats: ShardStats
     bytes_written: int
     input_fingerprint: str | None = None  # of the staged rows it was built from (sources.py)
+    retry: Retried | None = None  # what a retry_failed build retried; None: not one
 
     @property
     def images_per_second(self) -> float:
@@ -177,10 +183,45 @@ def build_shard(  # noqa: PLR0913 - the last three are keyword-only, each with i
         turn = turn or Turn(cpu.lane())
         worker = SampleWorker(settings, fetcher, spool, cpu, turn.lane)
         tasks = sample_tasks(rows, settings)
-        outcomes = fetcher.run(_download(worker, tasks, workers.thread_count, turn.all_taken))
-        for outcome in outcomes:
-            stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited, outcome.opt_out)
-        samples = _samples(shard_id, rows, outcomes, spool, settings)
+        keys = [
+            sample_key(shard_id, i, settings.key_digits, settings.output.oom_shard_count)
+            for i in range(rows.num_rows)
+        ]
+        previous: Previous | None = None
+        retry: Retried | None = None
+        if workers.retry_failed:
+            output_format = settings.output.output_format
+            found = read_previous(target, output_format, rows, keys=keys, settings=settings, spool=spool)
+            if isinstance(found, str):
+                log.info("shard %s/%s: built in full, not retried: %s", table, name, found)
+                retry = Retried(rebuilt=found)
+            elif not found.retry:
+                log.info("shard %s/%s: no transient failures to retry, left as it is", table, name)
+                return ShardResult(
+                    table,
+                    shard_id,
+                    name,
+                    manifest.output_folder,
+                    settings.output.output_format,
+                    ShardStats.from_json(found.stats),
+                    0,
+                    manifest.fingerprint(shard_id),
+                    Retried(),
+                )
+            else:
+                previous = found
+        if previous is None:
+            outcomes = fetcher.run(_download(worker, tasks, workers.thread_count, turn.all_taken))
+            for outcome in outcomes:
+                stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited, outcome.opt_out)
+            samples = _samples(keys, rows, outcomes, spool, settings)
+        else:
+            todo = [tasks[i] for i in previous.retry]
+            retried = fetcher.run(_download(worker, todo, workers.thread_count, turn.all_taken))
+            fresh = dict(zip(previous.retry, retried, strict=True))
+            _count_kept_and_retried(stats, previous, fresh)
+            retry = Retried(len(fresh), sum(o.status == "success" for o in retried))
+            samples = _samples_keeping(previous, keys, rows, fresh=fresh, spool=spool, settings=settings)
         bytes_written = _write(target, settings.output.output_format, samples, stats)
     log.info(
         "shard %s/%s: %d samples, %d successes in %.1fs",
@@ -190,6 +231,8 @@ def build_shard(  # noqa: PLR0913 - the last three are keyword-only, each with i
         stats.successes,
         stats.duration,
     )
+    if retry is not None and retry.rebuilt is None:
+        log.info("shard %s/%s: %d rows retried, %d recovered", table, name, retry.retried, retry.recovered)
     return ShardResult(
         table,
         shard_id,
@@ -199,6 +242,7 @@ def build_shard(  # noqa: PLR0913 - the last three are keyword-only, each with i
         stats,
         bytes_written,
         manifest.fingerprint(shard_id),
+        retry,
     )
 
 
@@ -273,17 +317,51 @@ async def _download(
 
 
 def _samples(
-    shard_id: int, rows: pa.Table, outcomes: Sequence[Outcome], spool: Spool, settings: DownloadSettings
+    keys: Sequence[str], rows: pa.Table, outcomes: Sequence[Outcome], spool: Spool, settings: DownloadSettings
 ) -> Iterator[Sample]:
     """The shard's samples in key order, as the writer takes them."""
-    for index, (row, outcome) in enumerate(zip(rows.to_pylist(), outcomes, strict=True)):
-        key = sample_key(shard_id, index, settings.key_digits, settings.output.oom_shard_count)
+    for key, row, outcome in zip(keys, rows.to_pylist(), outcomes, strict=True):
         yield Sample(
             key=key,
             meta=metadata_row(row, key, outcome, settings),
             image=spool.get(outcome.image) if outcome.image else None,
             caption=row.get("caption"),
         )
+
+
+def _samples_keeping(  # noqa: PLR0913 - the shard as it was, and what changed
+    previous: Previous,
+    keys: Sequence[str],
+    rows: pa.Table,
+    *,
+    fresh: dict[int, Outcome],
+    spool: Spool,
+    settings: DownloadSettings,
+) -> Iterator[Sample]:
+    """The shard's samples in key order: the rows downloaded again as a first build writes them,
+    the others as the shard had them (their metadata row, and their image read back)."""
+    for index, (key, row) in enumerate(zip(keys, rows.to_pylist(), strict=True)):
+        outcome = fresh.get(index)
+        if outcome is not None:
+            meta = metadata_row(row, key, outcome, settings)
+            image = spool.get(outcome.image) if outcome.image else None
+        else:
+            meta = previous.meta[index]
+            ref = previous.images.get(index)
+            image = spool.get(ref) if ref is not None else None
+        yield Sample(key=key, meta=meta, image=image, caption=row.get("caption"))
+
+
+def _count_kept_and_retried(stats: ShardStats, previous: Previous, fresh: dict[int, Outcome]) -> None:
+    """The stats of a shard rewritten with some rows retried: every row's last status; the waits
+    are this build's; the opt-outs those of the rows kept (as last counted) and of the retried."""
+    for index, meta in enumerate(previous.meta):
+        outcome = fresh.get(index)
+        if outcome is None:
+            stats.add(meta["status"], meta["error_message"])
+        else:
+            stats.add(outcome.status, outcome.error, outcome.waits, outcome.waited, outcome.opt_out)
+    stats.opt_outs.update(previous.opt_outs)
 
 
 def _write(

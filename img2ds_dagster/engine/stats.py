@@ -84,6 +84,23 @@ class ShardStats:
             "worker": self.worker,
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardStats:
+        """The stats a shard's stats file holds (``to_json()``'s keys; ours 0 or empty if absent)."""
+        return cls(
+            count=data["count"],
+            successes=data["successes"],
+            failed_to_download=data["failed_to_download"],
+            failed_to_resize=data["failed_to_resize"],
+            start_time=data["start_time"],
+            end_time=data["end_time"],
+            status_dict=Counter(data.get("status_dict", {})),
+            retry_waits=data.get("retry_waits", 0),
+            retry_wait_seconds=data.get("retry_wait_seconds", 0.0),
+            opt_outs=Counter(data.get("opt_outs", {})),
+            worker=data.get("worker", ""),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DatasetStats:

@@ -33,6 +33,7 @@ class ShardReport:
     rows: int
     successes: int
     problems: list[str] = field(default_factory=list)  # empty: complete
+    previews: list[bytes] = field(default_factory=list)  # the first images met, for a contact sheet
 
     @property
     def complete(self) -> bool:
@@ -55,8 +56,10 @@ class WrittenShard:
     save_caption: bool
 
 
-def verify_shard(shard: WrittenShard) -> ShardReport:
-    """Check a written shard against its staged input and its own files."""
+def verify_shard(shard: WrittenShard, previews: int = 0) -> ShardReport:
+    """Check a written shard against its staged input and its own files; the report keeps the
+    first ``previews`` images read on the way."""
+    found: list[bytes] = []
     stats_file = stats_path(shard.folder, shard.name)
     if shard.output_format == "dummy":
         stats = _read_json(stats_file)
@@ -90,19 +93,20 @@ def verify_shard(shard: WrittenShard) -> ShardReport:
         images = table.column(column).to_pylist() if column in table.column_names else []
         with_image = {k for k, image in zip(keys, images, strict=False) if image}
         problems += _set_problems("images in the parquet", ok, with_image)
+        found = [image for image in images if image][:previews]
     else:
-        problems += _file_problems(shard, ok)
-    return ShardReport(len(keys), len(ok), problems)
+        problems += _file_problems(shard, ok, found, previews)
+    return ShardReport(len(keys), len(ok), problems, found)
 
 
-def _file_problems(shard: WrittenShard, ok: set[str]) -> list[str]:
+def _file_problems(shard: WrittenShard, ok: set[str], previews: list[bytes], limit: int) -> list[str]:
     """Every successful sample's files in the shard, once each, and nothing else."""
     expected: Counter[str] = Counter()
     for key in ok:
         expected.update([f"{key}.{shard.encode_format}", f"{key}.json"])
         if shard.save_caption:
             expected[f"{key}.txt"] += 1
-    found = _members(shard)
+    found = _members(shard, previews, limit)
     if found is None:
         return [f"{shard.name}: its {shard.output_format} file is missing"]
     problems = []
@@ -151,9 +155,14 @@ def _set_problems(what: str, expected: set[str], found: set[str]) -> list[str]:
     return problems
 
 
-def _members(shard: WrittenShard) -> Counter[str] | None:
+def _members(shard: WrittenShard, previews: list[bytes], limit: int) -> Counter[str] | None:
     """The file names a shard holds, counted (a tar may hold a name twice); a TFRecord's examples
-    count as the files they stand for (image, metadata, caption)."""
+    count as the files they stand for (image, metadata, caption). The first ``limit`` images go to
+    ``previews``."""
+
+    def is_image(member: str) -> bool:
+        return len(previews) < limit and member.rpartition(".")[2] in IMAGE_EXTENSIONS
+
     folder, name, output_format, save_caption = (
         shard.folder,
         shard.name,
@@ -166,17 +175,28 @@ def _members(shard: WrittenShard) -> Counter[str] | None:
                 fsspec.open(join(folder, f"{name}.tar"), "rb") as raw,
                 tarfile.open(fileobj=raw, mode="r|") as tar,
             ):
-                return Counter(member.name for member in tar)
+                names: Counter[str] = Counter()
+                for member in tar:
+                    names[member.name] += 1
+                    data = tar.extractfile(member) if is_image(member.name) else None
+                    if data is not None:
+                        previews.append(data.read())
+                return names
         if output_format == "files":
             fs, root = fsspec.core.url_to_fs(join(folder, name))
             if not fs.isdir(root):
                 return None
-            return Counter(str(p).rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+            paths = sorted(str(p) for p in fs.ls(root, detail=False))
+            wanted = [p for p in paths if is_image(p)][: max(0, limit - len(previews))]
+            previews += [fs.cat_file(p) for p in wanted]
+            return Counter(p.rsplit("/", 1)[-1] for p in paths)
         if output_format == "tfrecord":
             found: Counter[str] = Counter()
             for example in read_tfrecord(join(folder, f"{name}.tfrecord")):
                 key = example["key"][0].decode()  # type: ignore[union-attr]
                 ext = next(e for e in IMAGE_EXTENSIONS if e in example)
+                if len(previews) < limit:
+                    previews.append(bytes(example[ext][0]))  # type: ignore[arg-type]
                 found.update([f"{key}.{ext}", f"{key}.json"] + ([f"{key}.txt"] if save_caption else []))
             return found
     except FileNotFoundError:

@@ -147,7 +147,9 @@ def _resize_error(table: Any) -> dict[str, int]:
     return {table.column("error_message").to_pylist()[5]: 1}
 
 
-def test_a_shard_not_complete_or_in_dummy_format_is_built_in_full(server: ImageServer, tmp_path: Path) -> None:
+def test_a_shard_not_complete_or_in_dummy_format_is_built_in_full(
+    server: ImageServer, tmp_path: Path
+) -> None:
     roles = urls(server)
     source = write_urls(tmp_path / "urls.csv", roles)
     staging = Staging(str(tmp_path / "staging"))
@@ -211,7 +213,9 @@ def test_the_shards_asset_retries_failed_samples_with_its_run_config(
     write_urls(tmp_path / "inbox" / "t.csv", roles)
     resources = {
         "storage": StorageResource(
-            inbox=str(tmp_path / "inbox"), staging=str(tmp_path / "staging"), datasets=str(tmp_path / "datasets")
+            inbox=str(tmp_path / "inbox"),
+            staging=str(tmp_path / "staging"),
+            datasets=str(tmp_path / "datasets"),
         ),
         "workers": WorkersResource(thread_count=8),
     }

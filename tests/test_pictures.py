@@ -1,8 +1,10 @@
-"""Pictures: the contact sheet of a shard, the stats charts, and ``img2ds preview``'s page."""
+"""Pictures: the contact sheet of a shard, the stats charts (and the rate they show), and
+``img2ds preview``'s page."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -18,7 +20,7 @@ from img2ds_dagster import download
 from img2ds_dagster.cli import main
 from img2ds_dagster.defs.stats import charts
 from img2ds_dagster.engine.pictures import bar_chart, contact_sheet
-from img2ds_dagster.engine.stats import aggregate, read_stats_files
+from img2ds_dagster.engine.stats import ShardStats, aggregate, read_stats_files
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -104,3 +106,17 @@ def test_download_stats_charts_are_svg_images_in_markdown(server: ImageServer, t
     assert titles == ["success rate per table", "images/s per table", "most frequent errors"]
     error_bars = [e for e in svgs[2] if e.tag.endswith("rect")][1:]
     assert len(error_bars) == len(stats.errors)
+
+
+def test_images_per_second_counts_only_the_time_shards_were_being_built(tmp_path: Path) -> None:
+    """Two shards built at the same time, and a third rebuilt an hour later: the rate is over the
+    union of their spans (20 s), not over the span from the first start to the last end."""
+    spans = {"00000": (0.0, 10.0), "00001": (5.0, 15.0), "00002": (3600.0, 3605.0)}
+    paths = []
+    for name, (start, end) in spans.items():
+        stats = ShardStats(count=100, successes=90, start_time=start, end_time=end)
+        path = tmp_path / f"{name}_stats.json"
+        path.write_text(json.dumps(stats.to_json()))
+        paths.append(str(path))
+    totals = aggregate(read_stats_files({"t": paths})).totals
+    assert totals["images_per_second"] == pytest.approx(300 / 20)

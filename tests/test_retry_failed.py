@@ -137,7 +137,8 @@ def test_retry_failed_recovers_rows_and_leaves_the_others_bytes_untouched(
     server.hits.reset()
     before = shard_files(tmp_path / "out" / "first")
     again = build_shard(staging, ShardJob("first", 0), Workers(thread_count=8, retry_failed=True))
-    assert again.retry is not None and (again.retry.retried, again.bytes_written) == (0, 0)
+    assert again.retry is not None
+    assert (again.retry.retried, again.bytes_written) == (0, 0)
     assert again.stats.successes == 4
     assert image_hits(server) == {}
     assert shard_files(tmp_path / "out" / "first") == before
@@ -159,17 +160,20 @@ def test_a_shard_not_complete_or_in_dummy_format_is_built_in_full(
     retrying = Workers(thread_count=8, retry_failed=True)
 
     never_built = build_shard(staging, ShardJob("files", 0), retrying)
-    assert never_built.retry is not None and never_built.retry.rebuilt is not None
+    assert never_built.retry is not None
+    assert never_built.retry.rebuilt is not None
     assert "no complete shard" in never_built.retry.rebuilt
     (tmp_path / "out" / "files" / "00000_stats.json").unlink()  # as a build killed before its end
     server.hits.reset()
     incomplete = build_shard(staging, ShardJob("files", 0), retrying)
-    assert incomplete.retry is not None and incomplete.retry.rebuilt is not None
+    assert incomplete.retry is not None
+    assert incomplete.retry.rebuilt is not None
     assert len(image_hits(server)) == len(roles)  # every row downloaded again
 
     build_shard(staging, ShardJob("dummy", 0), Workers(thread_count=8))
     dummy = build_shard(staging, ShardJob("dummy", 0), retrying)
-    assert dummy.retry is not None and dummy.retry.rebuilt is not None
+    assert dummy.retry is not None
+    assert dummy.retry.rebuilt is not None
     assert "dummy" in dummy.retry.rebuilt
 
 

@@ -119,8 +119,8 @@ class DatasetStats:
         out: dict[str, Any] = sums.row(0, named=True)
         out["success_rate"] = out["successes"] / out["count"] if out["count"] else 0.0
         out["download_seconds"] = float(t["download_seconds"].sum())
-        # Tables are usually downloaded one after another: rate over the sum of their wall times.
-        wall = float(t["wall_seconds"].sum())
+        # Tables are usually downloaded one after another: rate over the sum of their busy times.
+        wall = float(t["busy_seconds"].sum())
         out["images_per_second"] = out["count"] / wall if wall > 0 else 0.0
         out["opt_outs"] = self.opt_outs
         return out
@@ -196,10 +196,16 @@ def aggregate(shards: pl.DataFrame) -> DatasetStats:
             (pl.col("end_time") - pl.col("start_time")).sum().alias("download_seconds"),
             (pl.col("end_time").max() - pl.col("start_time").min()).alias("wall_seconds"),
         )
+        .join(_busy_seconds(shards), on="table", how="left")
         .with_columns(
             (pl.col("successes") / pl.col("count")).fill_nan(0.0).alias("success_rate"),
-            # Shards of a table may run at the same time: throughput is over wall-clock time.
-            (pl.col("count") / pl.col("wall_seconds")).fill_nan(0.0).alias("images_per_second"),
+            # Shards of a table run several at a time, and some are rebuilt hours later: the rate is
+            # over the time some shard of the table was being built (the union of their spans), so
+            # neither the overlap nor the idle time between a build and a rebuild counts.
+            (pl.col("count") / pl.col("busy_seconds"))
+            .fill_nan(0.0)
+            .fill_null(0.0)
+            .alias("images_per_second"),
         )
         .sort("table")
     )
@@ -208,6 +214,26 @@ def aggregate(shards: pl.DataFrame) -> DatasetStats:
     for raw in shards["opt_outs"]:
         opt_outs.update(json.loads(raw))
     return DatasetStats(per_table=per_table, errors=errors, opt_outs=dict(sorted(opt_outs.items())))
+
+
+def _busy_seconds(shards: pl.DataFrame) -> pl.DataFrame:
+    """Per table, the length of the union of its shards' [start, end] spans."""
+    busy: dict[str, float] = {}
+    ordered = shards.select("table", "start_time", "end_time").sort("table", "start_time")
+    current: tuple[str, float, float] | None = None
+    for table, start, end in ordered.iter_rows():
+        if current is not None and current[0] == table and start <= current[2]:
+            current = (table, current[1], max(current[2], end))
+            continue
+        if current is not None:
+            busy[current[0]] = busy.get(current[0], 0.0) + current[2] - current[1]
+        current = (table, start, end)
+    if current is not None:
+        busy[current[0]] = busy.get(current[0], 0.0) + current[2] - current[1]
+    return pl.DataFrame(
+        {"table": list(busy), "busy_seconds": list(busy.values())},
+        schema={"table": pl.String, "busy_seconds": pl.Float64},
+    )
 
 
 def _error_counts(shards: pl.DataFrame) -> pl.DataFrame:

@@ -12,10 +12,12 @@ from typing import Any
 
 import dagster as dg
 
+from .defs.jobs import build_shards as build_shards_job
+from .defs.jobs import stage_table
 from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges, range_tags, shard_job
 from .defs.resources import StorageResource
 from .defs.shards import built_from_staging, shards
-from .defs.stats import download_stats
+from .defs.stats import download_stats, refresh_stats
 from .defs.url_tables import url_tables
 from .engine.sources import TableManifest
 from .engine.storage import remove
@@ -24,6 +26,8 @@ from .errors import StagingMissingError
 log = logging.getLogger(__name__)
 
 ASSETS = [url_tables, shards, download_stats]
+JOBS = [stage_table, build_shards_job, refresh_stats]
+_JOB_OF = {url_tables.key: stage_table, shards.key: build_shards_job, download_stats.key: refresh_stats}
 # Dagster's console logger prints every event at DEBUG; in-process callers want warnings only.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -41,20 +45,18 @@ class AssetRunner:
     def __init__(self, instance: dg.DagsterInstance, resources: Mapping[str, Any]) -> None:
         self.instance = instance
         self.resources = dict(resources)
+        # The code location's named jobs, so that these runs show in the UI as what they are.
+        self._jobs = dg.Definitions(assets=ASSETS, jobs=JOBS, resources=self.resources)
 
     def _materialize(
         self, asset: dg.AssetsDefinition, raise_on_error: bool = True, **kwargs: Any
     ) -> dg.ExecuteInProcessResult:
-        """One in-process run; with ``raise_on_error`` the asset's own exception comes through."""
+        """One in-process run of the asset's job; with ``raise_on_error`` the asset's own exception
+        comes through."""
         run_config = {**kwargs.pop("run_config", {}), **_QUIET}
-        return dg.materialize(
-            ASSETS,
-            selection=[asset],
-            instance=self.instance,
-            resources=self.resources,
-            run_config=run_config,
-            raise_on_error=raise_on_error,
-            **kwargs,
+        job = self._jobs.resolve_job_def(_JOB_OF[asset.key].name)
+        return job.execute_in_process(
+            instance=self.instance, run_config=run_config, raise_on_error=raise_on_error, **kwargs
         )
 
     def stage_table(self, table: str, config: Mapping[str, Any]) -> TableManifest:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import gc
 import inspect
 import logging
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .api import download
 from .demo import run_demo
@@ -56,8 +58,15 @@ def parse_value(text: str, annotation: Any) -> Any:
     return text
 
 
+class _ShortErrors(argparse.ArgumentParser):
+    """Errors in one line: download()'s usage line lists every option, far too long to repeat."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} ({self.prog} --help lists the options)\n")
+
+
 def _parser_for(function: Callable[..., Any], name: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"img2ds {name}", description=description)
+    parser = _ShortErrors(prog=f"img2ds {name}", description=description)
     hints = typing.get_type_hints(function)
     for param in inspect.signature(function).parameters.values():
         annotation = hints[param.name]
@@ -78,9 +87,27 @@ def _parser_for(function: Callable[..., Any], name: str, description: str) -> ar
     return parser
 
 
+def _unknown_options(unknown: Sequence[str], options: Sequence[str]) -> str:
+    """The error for flags download() does not take, with the nearest option's name for a typo."""
+    problems = []
+    for arg in unknown:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not arg.startswith("--"):
+            problems.append(f"unexpected argument {arg!r}")
+            continue
+        near = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        problems.append(f"unknown option --{name}" + (f" (did you mean --{near[0]}?)" if near else ""))
+    return "; ".join(problems)
+
+
 def _run_download(argv: Sequence[str]) -> int:
     parser = _parser_for(download, "download", "Download images from URL lists into a dataset.")
-    args = vars(parser.parse_args(argv))
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of an error")
+    known, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(_unknown_options(unknown, list(inspect.signature(download).parameters)))
+    args = vars(known)
+    verbose = args.pop("verbose")
     positional = args.pop("url_list_positional", None)
     if positional is not None:
         args.setdefault("url_list", positional)
@@ -93,12 +120,11 @@ def _run_download(argv: Sequence[str]) -> int:
         parser.error(str(err))
     try:
         report = download(**kwargs)
-    except (ConfigError, InputTableError) as err:
+    except (ConfigError, InputTableError, ShardError) as err:
+        if verbose:
+            traceback.print_exc()
         print(f"img2ds: {err}", file=sys.stderr)
-        return 2
-    except ShardError as err:
-        print(f"img2ds: {err}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, ShardError) else 2
     totals = report.totals
     print(
         f"{report.output_folder}: {totals['successes']} of {totals['count']} images in "

@@ -211,6 +211,11 @@ class UrlTableConfig(DownloadConfig):
     first_shard_id: int = Field(
         default=0, description="Id of the table's first shard (to number after another table)."
     )
+    refused: str | None = Field(
+        default=None,
+        description="Set by the inbox sensors for a file they cannot stage (its settings file has an "
+        "unknown option or a bad value): the run fails with this message, so the table shows as failed.",
+    )
 
 
 class ShardsConfig(dg.Config):

@@ -18,7 +18,7 @@ from .defs.partitions import SHARDS, URL_TABLES, contiguous_ranges, range_tags, 
 from .defs.resources import StorageResource
 from .defs.shards import built_from_staging, shards
 from .defs.stats import download_stats, refresh_stats
-from .defs.url_tables import url_tables
+from .defs.url_tables import raise_user_error, url_tables
 from .engine.sources import TableManifest
 from .engine.storage import remove
 from .errors import StagingMissingError
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 ASSETS = [url_tables, shards, download_stats]
 JOBS = [stage_table, build_shards_job, refresh_stats]
 _JOB_OF = {url_tables.key: stage_table, shards.key: build_shards_job, download_stats.key: refresh_stats}
-# Dagster's console logger prints every event at DEBUG; in-process callers want warnings only.
-_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's console logger prints every event at DEBUG, and a failed step with its traceback at
+# ERROR; in-process callers get the error itself, raised.
+_QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 @dataclass
@@ -62,9 +63,13 @@ class AssetRunner:
     def stage_table(self, table: str, config: Mapping[str, Any]) -> TableManifest:
         """Materialize ``url_tables[table]`` with this run config; raises what staging raised."""
         self.instance.add_dynamic_partitions(URL_TABLES, [table])
-        self._materialize(
-            url_tables, partition_key=table, run_config={"ops": {"url_tables": {"config": dict(config)}}}
-        )
+        try:
+            self._materialize(
+                url_tables, partition_key=table, run_config={"ops": {"url_tables": {"config": dict(config)}}}
+            )
+        except dg.Failure as failure:
+            raise_user_error(failure)
+            raise
         storage: StorageResource = self.resources["storage"]
         return storage.staging_area().manifest(table)
 

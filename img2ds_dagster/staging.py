@@ -11,6 +11,7 @@ import dagster as dg
 
 from .defs.inbox import drop_config
 from .defs.partitions import URL_TABLES
+from .defs.url_tables import raise_user_error
 from .engine.sources import table_key
 from .engine.storage import absolute
 from .errors import ConfigError
@@ -39,15 +40,19 @@ def stage_files(paths: Sequence[str], name: str | None = None, stage: bool = Tru
             if not stage:
                 yield f"url_tables[{table}]: registered ({source})"
                 continue
-            result = job.execute_in_process(
-                instance=instance,
-                partition_key=table,
-                run_config={
-                    "ops": {"url_tables": {"config": config.model_dump(exclude_defaults=True)}},
-                    **_QUIET,
-                },
-                tags={"img2ds/table": table},
-            )
+            try:
+                result = job.execute_in_process(
+                    instance=instance,
+                    partition_key=table,
+                    run_config={
+                        "ops": {"url_tables": {"config": config.model_dump(exclude_defaults=True)}},
+                        **_QUIET,
+                    },
+                    tags={"img2ds/table": table},
+                )
+            except dg.Failure as failure:
+                raise_user_error(failure)
+                raise
             (event,) = result.asset_materializations_for_node("url_tables")
             meta = {k: v.value for k, v in event.metadata.items()}
             yield (

@@ -25,7 +25,6 @@ from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats, download_stats_sensor
 from img2ds_dagster.defs.url_tables import url_tables
-from img2ds_dagster.errors import InputTableError
 
 ROOT = Path(__file__).parents[1]
 ASSETS = [url_tables, shards, download_stats]
@@ -94,10 +93,13 @@ def test_a_shrunk_table_drops_its_stale_shard_partitions(
 def test_url_tables_errors_name_the_file(
     tmp_path: Path, instance: dg.DagsterInstance, resources: dict[str, Any]
 ) -> None:
-    with pytest.raises(InputTableError, match=r"url_tables\[nothing\]: no file in the inbox"):
+    # A dg.Failure with the message alone: no traceback of ours in the UI, and no retry.
+    with pytest.raises(dg.Failure, match=r"url_tables\[nothing\]: no file in the inbox") as failure:
         stage(instance, resources, "nothing")
+    assert failure.value.allow_retries is False
+    assert failure.value.__cause__ is None
     write_url_file(tmp_path / "inbox" / "bad.csv", ["http://h/1.jpg"])
-    with pytest.raises(InputTableError, match=r"bad\.csv: missing column\(s\) \['caption'\]"):
+    with pytest.raises(dg.Failure, match=r"bad\.csv: missing column\(s\) \['caption'\]"):
         stage(instance, resources, "bad", caption_col="caption")
 
 

@@ -161,13 +161,15 @@ def test_settings_file_next_to_a_url_file(tmp_path: Path) -> None:
     age(write_url_file(inbox / "a.csv", ["http://h/1"], captions=["one"]), 60)
     (inbox / "a.img2ds.toml").write_text('caption_col = "caption"\nnumber_sample_per_shard = 4\n')
     age(write_url_file(inbox / "b.csv", ["http://h/2"]), 60)
-    # A value of the wrong type: the sensor logs it and skips that file instead of failing the tick.
+    # A value of the wrong type: that file's run fails at once with the reason, instead of the tick.
     (inbox / "b.img2ds.toml").write_text('number_sample_per_shard = "many"\n')
     age(write_url_file(inbox / "c.csv", ["http://h/3"]), 60)
     with dg.instance_for_test() as instance:
         first = drop_tick(instance, storage, None)
         found = requests_by_key(first)
-        assert sorted(found) == ["a", "c"]
+        assert sorted(found) == ["a", "b", "c"]
+        assert "b.img2ds.toml: number_sample_per_shard" in table_config(found["b"])["refused"]
+        assert "refused" not in table_config(found["c"])
         assert table_config(found["a"]) == {
             "source": str(inbox / "a.csv"),
             "caption_col": "caption",
@@ -178,17 +180,21 @@ def test_settings_file_next_to_a_url_file(tmp_path: Path) -> None:
         assert isinstance(drop_tick(instance, storage, first.cursor), dg.SkipReason)
         (inbox / "b.img2ds.toml").write_text("number_sample_per_shard = 4\n")
         age(inbox / "b.csv", 5)
-        assert sorted(requests_by_key(drop_tick(instance, storage, first.cursor))) == ["b"]
+        again = requests_by_key(drop_tick(instance, storage, first.cursor))
+        assert sorted(again) == ["b"]
+        assert "refused" not in table_config(again["b"])
 
 
-def test_unknown_option_in_a_settings_file_skips_that_file(tmp_path: Path) -> None:
+def test_unknown_option_in_a_settings_file_fails_that_files_run(tmp_path: Path) -> None:
     storage = storage_in(tmp_path)
     inbox = tmp_path / "inbox"
     age(write_url_file(inbox / "a.csv", ["http://h/1"]), 60)
     (inbox / "a.img2ds.toml").write_text("number_samples_per_shard = 4\n")  # note the extra "s"
     age(write_url_file(inbox / "b.csv", ["http://h/2"]), 60)
     with dg.instance_for_test() as instance:
-        assert sorted(requests_by_key(drop_tick(instance, storage, None))) == ["b"]
+        found = requests_by_key(drop_tick(instance, storage, None))
+        assert sorted(found) == ["a", "b"]
+        assert "unknown option(s) ['number_samples_per_shard']" in table_config(found["a"])["refused"]
 
 
 @pytest.mark.parametrize(
@@ -216,7 +222,12 @@ def test_a_bad_settings_file_is_refused_naming_the_file_and_the_option(
     with dg.instance_for_test() as instance:
         outcome = drop_tick(instance, storage, None)
         assert isinstance(outcome, dg.SensorResult)
-        assert not outcome.run_requests  # refused by the sensor: no run to fail
+        # A run that fails at once, naming the file and the option: the table shows as failed.
+        (request,) = outcome.run_requests or []
+        assert request.partition_key == "a"
+        refused = request.run_config["ops"]["url_tables"]["config"]["refused"]
+        assert re.search(message, refused)
+        assert refused.startswith(f"{inbox / 'a.csv'}: skipped: ")
 
 
 def test_a_tick_that_only_skips_bad_files_still_advances_the_cursor(tmp_path: Path) -> None:
@@ -227,7 +238,7 @@ def test_a_tick_that_only_skips_bad_files_still_advances_the_cursor(tmp_path: Pa
     with dg.instance_for_test() as instance:
         outcome = drop_tick(instance, storage, None)
         assert isinstance(outcome, dg.SensorResult), outcome
-        assert not outcome.run_requests
+        assert [r.partition_key for r in outcome.run_requests or []] == ["a"]  # its failing run
         assert outcome.cursor is not None
 
 

@@ -81,6 +81,7 @@ OWN_OPTIONS = {
     "bucket_divisible": 32,
     "bucket_crop": "center",
     "bucket_corners": None,
+    "min_success_rate": 0.5,
 }
 
 
@@ -202,4 +203,5 @@ def test_url_table_config_adds_location_fields() -> None:
         "source",
         "output_folder",
         "first_shard_id",
+        "refused",
     }

@@ -67,3 +67,28 @@ def test_stage_then_dagster_asset_materialize(server: ImageServer, tmp_path: Pat
     assert refused.returncode == 2
     assert refused.stderr.strip().count("\n") == 0
     assert "bad.csv: missing column(s) ['caption']" in refused.stderr
+
+
+def test_the_shell_says_what_is_wrong_in_a_line(server: ImageServer, tmp_path: Path) -> None:
+    """A user's mistake (a missing column, a misspelt flag) is one line on stderr, no traceback."""
+    url_file = write_url_file(tmp_path / "links.csv", [server.url("/gen/64x64.jpg")], url_col="link")
+    out = tmp_path / "out"
+    missing = shell(
+        tmp_path, "img2ds", "download", "--url_list", str(url_file), "--input_format", "csv",
+        "--output_folder", str(out),
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert len(missing.stderr.strip().splitlines()) <= 3, missing.stderr
+    assert "missing column(s) ['url']; the file has ['link']" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    typo = shell(tmp_path, "img2ds", "download", "--url_list", str(url_file), "--image_sise", "64")
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines() == [
+        "img2ds download: unknown option --image_sise (did you mean --image_size?) "
+        "(img2ds download --help lists the options)"
+    ]
+    verbose = shell(
+        tmp_path, "img2ds", "download", "--url_list", str(url_file), "--input_format", "csv",
+        "--output_folder", str(out), "--verbose",
+    )  # fmt: skip
+    assert "Traceback" in verbose.stderr

@@ -17,7 +17,7 @@ from dagster_aws.s3 import S3Resource
 
 from ..config import UrlTableConfig
 from ..engine.sources import Staging, table_key
-from ..errors import Img2dsError, InputTableError, StagingMissingError
+from ..errors import ConfigError, Img2dsError, InputTableError, StagingMissingError
 from .inbox import DropCursor, S3DropCursor, drop_config, list_s3_inbox
 from .jobs import build_shards, stage_table
 from .partitions import SHARDS, contiguous_ranges, range_tags, shards_per_run, url_tables_partitions
@@ -102,12 +102,19 @@ def _drop_result(
     staged is reported in the log and passed over, the cursor moving past it all the same."""
     requests: list[dg.RunRequest] = []
     new_keys: list[str] = []
+    skipped: list[str] = []
     for path, arrival in drops:
         try:
             key, config = _drop_request(path, new_keys, staging)
+        except SettingsRefused as refused:
+            # A run that fails at once with the reason: the table shows as failed in the UI, named
+            # with the settings file and the option. Fix the settings, then touch the file.
+            key, config = refused.key, UrlTableConfig(source=path, refused=f"{path}: skipped: {refused}")
+            context.log.error(config.refused)
         except Img2dsError as err:
-            # Reported once and left behind: fix the file or its settings, then touch it.
+            # Reported once and left behind: rename the file, then touch it.
             context.log.error(f"{path}: skipped: {err}")
+            skipped.append(f"{path}: {err}")
             continue
         new_keys.append(key)
         requests.append(
@@ -119,9 +126,7 @@ def _drop_result(
             )
         )
     if not requests:
-        return dg.SensorResult(
-            skip_reason=f"{len(drops)} new file(s) skipped, see the log{note}", cursor=cursor
-        )
+        return dg.SensorResult(skip_reason="skipped " + "; ".join(skipped) + note, cursor=cursor)
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[url_tables_partitions.build_add_request(new_keys)],
@@ -140,7 +145,18 @@ def _drop_request(path: str, taken: list[str], staging: Staging) -> tuple[str, U
         staged_from = path
     if staged_from != path:
         raise InputTableError(f"table {key!r} was staged from {staged_from}; rename this file")
-    return key, drop_config(path)
+    try:
+        return key, drop_config(path)
+    except ConfigError as err:
+        raise SettingsRefused(key, str(err)) from err
+
+
+class SettingsRefused(ConfigError):
+    """A dropped file's settings files cannot be used; ``key`` is the table it would be."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dg.sensor(

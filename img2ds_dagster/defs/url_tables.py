@@ -9,7 +9,7 @@ import dagster as dg
 from ..config import UrlTableConfig
 from ..engine.sources import TableManifest
 from ..engine.storage import absolute
-from ..errors import StagingMissingError
+from ..errors import ConfigError, InputTableError, StagingMissingError
 from .inbox import drop_config
 from .partitions import SHARDS, chunked, shard_keys, url_tables_partitions
 from .resources import StorageResource
@@ -27,6 +27,37 @@ def url_tables(
     context: dg.AssetExecutionContext, config: UrlTableConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     table = context.partition_key
+    if config.refused:  # the inbox sensor could not use the file's settings (sensors.py)
+        raise dg.Failure(description=config.refused, allow_retries=False)
+    try:
+        return _stage(context, config, storage, table)
+    except (InputTableError, ConfigError) as err:
+        # The user's data or options: the message says it all, and a retry would fail the same.
+        raise user_failure(err) from None
+
+
+def user_failure(err: InputTableError | ConfigError) -> dg.Failure:
+    """A failure whose message is the error's, marked with its kind (see ``raise_user_error``)."""
+    return dg.Failure(
+        description=str(err), allow_retries=False, metadata={_KIND: dg.MetadataValue.text(type(err).__name__)}
+    )
+
+
+def raise_user_error(result_or_failure: dg.Failure) -> None:
+    """Raise again, as InputTableError or ConfigError, a failure made by ``user_failure``: for the
+    in-process callers (download(), img2ds stage), whose users expect those exceptions."""
+    kind = result_or_failure.metadata.get(_KIND)
+    if kind is not None:
+        error = {"InputTableError": InputTableError, "ConfigError": ConfigError}[str(kind.value)]
+        raise error(result_or_failure.description) from None
+
+
+_KIND = "user_error"
+
+
+def _stage(
+    context: dg.AssetExecutionContext, config: UrlTableConfig, storage: StorageResource, table: str
+) -> dg.MaterializeResult:
     staging = storage.staging_area()
     try:
         previous: TableManifest | None = staging.manifest(table)

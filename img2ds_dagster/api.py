@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import dagster as dg
+import fsspec
 import pydantic
 
 from .config import DownloadConfig, config_error
@@ -38,7 +39,7 @@ from .engine.settings import (
     ResizeMode,
 )
 from .engine.shard import Workers
-from .engine.sources import TableManifest, list_input_files, table_key
+from .engine.sources import TableManifest, input_format_of, list_input_files, table_key
 from .engine.stats import stats_path
 from .engine.storage import absolute, join, local_path, read_json, remove
 from .errors import ConfigError, ShardError
@@ -146,6 +147,7 @@ def download(  # noqa: PLR0913, PLR0917 - img2dataset's signature, positional ca
     Raises ShardError at the end if some shards could not be built (the others are kept; call again
     to retry just those), ConfigError for a bad option and InputTableError for a bad URL file.
     """
+    input_format = _inferred_format(url_list, input_format)
     config = table_config(locals())
     _check_run_options(locals())
     prepare_process()
@@ -302,6 +304,20 @@ def _successes(folder: str, name: str) -> int:
         return int(read_json(stats_path(folder, name))["successes"])
     except (FileNotFoundError, OSError, ValueError, KeyError):
         return 0
+
+
+def _inferred_format(url_list: str, input_format: str) -> str:
+    """img2dataset reads any file as txt unless told otherwise, which turns a CSV's header and rows
+    into bad URLs. A single file left at the default is read in the format its name says (as the
+    inbox does), and the caller is told."""
+    named = input_format_of(url_list)
+    if input_format != "txt" or named in (None, "txt"):
+        return input_format
+    fs, path = fsspec.core.url_to_fs(url_list)
+    if fs.isdir(path):
+        return input_format
+    log.warning("%s: read as %s, as its name says (input_format was left at txt)", url_list, named)
+    return str(named)
 
 
 def table_config(arguments: Mapping[str, Any]) -> DownloadConfig:

@@ -317,7 +317,7 @@ def test_cli_reports_bad_options(tmp_path: Path) -> None:
     assert "enable_wandb: img2ds_dagster reports to Dagster" in wandb.stderr
     typo = run_cli("download", "--url_list=urls.txt", "--image_sise=3", cwd=tmp_path)
     assert typo.returncode == 2
-    assert "unrecognized arguments: --image_sise=3" in typo.stderr
+    assert "unknown option --image_sise (did you mean --image_size?)" in typo.stderr
 
 
 def test_extend_gives_clashing_tables_fresh_names() -> None:

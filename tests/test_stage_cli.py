@@ -92,3 +92,24 @@ def test_the_shell_says_what_is_wrong_in_a_line(server: ImageServer, tmp_path: P
         "--output_folder", str(out), "--verbose",
     )  # fmt: skip
     assert "Traceback" in verbose.stderr
+
+
+def test_a_file_left_at_the_default_format_is_read_as_its_name_says(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    """img2dataset would read a .csv as txt (header and rows as URLs); we read it as csv, and say so."""
+    url_file = write_url_file(tmp_path / "list.csv", [server.url("/gen/64x64.jpg")], captions=["a cat"])
+    run = shell(
+        tmp_path, "img2ds", "download", "--url_list", str(url_file), "--output_folder", str(tmp_path / "o")
+    )
+    assert run.returncode == 0, run.stderr
+    assert "1 of 1 images" in run.stdout
+    assert f"{url_file}: read as csv, as its name says (input_format was left at txt)" in run.stderr
+    # A format the content contradicts is refused, naming both.
+    parquet = write_url_file(tmp_path / "list.parquet", [server.url("/gen/64x64.jpg")])
+    wrong = shell(
+        tmp_path, "img2ds", "download", "--url_list", str(parquet), "--input_format", "csv",
+        "--output_folder", str(tmp_path / "o2"),
+    )  # fmt: skip
+    assert wrong.returncode == 2
+    assert f"{parquet}: input_format is 'csv', but the file is a parquet file" in wrong.stderr

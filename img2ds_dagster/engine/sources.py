@@ -181,6 +181,7 @@ def _format(path: str, settings: DownloadSettings) -> str:
 def _opened(path: str, fmt: str) -> Iterator[IO[bytes]]:
     try:
         with fsspec.open(path, "rb") as raw:
+            _check_content(path, fmt, raw)
             yield cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if fmt.endswith(".gz") else raw
     except InputTableError:  # about the rows read (a missing column): already says it all
         raise
@@ -188,6 +189,26 @@ def _opened(path: str, fmt: str) -> Iterator[IO[bytes]]:
         raise InputTableError(f"{path}: no such file") from err
     except _READ_ERRORS as err:
         raise InputTableError(f"{path}: cannot read as {fmt}: {err}") from err
+
+
+# What a file's first bytes say it is, whatever its name or input_format says.
+_MAGIC = {b"PAR1": "parquet", b"\x1f\x8b": "gzip"}
+
+
+def _check_content(path: str, fmt: str, raw: IO[bytes]) -> None:
+    """Refuse a format its content contradicts (a parquet file read as csv, a gzipped file read as
+    plain text, or the other way round), naming both, rather than reading garbage as URLs."""
+    if not raw.seekable():
+        return
+    head = raw.read(4)
+    raw.seek(0)
+    found = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+    wanted = "parquet" if fmt == "parquet" else "gzip" if fmt.endswith(".gz") else None
+    if found != wanted and (found or wanted):
+        says = f"a {found} file" if found else "not a " + str(wanted) + " file"
+        raise InputTableError(
+            f"{path}: input_format is {fmt!r}, but the file is {says}; set input_format to match"
+        )
 
 
 _READ_ERRORS = (pa.ArrowInvalid, ValueError, OSError, UnicodeDecodeError, EOFError)

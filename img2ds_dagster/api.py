@@ -24,9 +24,8 @@ import fsspec
 import pydantic
 
 from .config import DownloadConfig, config_error
-from .defs.partitions import SHARDS, contiguous_ranges, range_tags, shard_job, shard_keys
+from .defs.partitions import shard_job, shard_keys
 from .defs.resources import StorageResource, WorkersResource
-from .defs.shards import shards
 from .defs.stats import collect_stats
 from .engine.retry import Retried, transient_failures
 from .engine.runtime import prepare_process
@@ -277,14 +276,7 @@ def _retry_failed(runner: AssetRunner, outcome: ShardsOutcome, max_per_run: int)
         return Retried()
     before = {key: _successes(*files[key]) for key in wanted}
     log.info("retrying the transient failures of %d shards", len(wanted))
-    ordered = runner.instance.get_dynamic_partitions(SHARDS)
-    built: set[str] = set()
-    for first, last in contiguous_ranges(ordered, wanted, max_per_run):
-        # AssetRunner.build_shards, with the shards asset's run config.
-        result = runner._materialize(
-            shards, raise_on_error=False, tags=range_tags(first, last), run_config=RETRY_FAILED_RUN_CONFIG
-        )
-        built.update(e.partition for e in result.get_asset_materialization_events() if e.partition)
+    built = set(runner.build_shards(wanted, max_per_run, run_config=RETRY_FAILED_RUN_CONFIG).built)
     done = [key for key in wanted if key in built]
     outcome.built += done
     outcome.failed += [key for key in wanted if key not in built]

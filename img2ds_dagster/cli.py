@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from .api import download
 from .demo import run_demo
+from .engine import progress
 from .errors import ConfigError, ExportError, InputTableError, ShardError
 
 
@@ -118,13 +119,17 @@ def _run_download(argv: Sequence[str]) -> int:
         kwargs = {name: parse_value(text, hints[name]) for name, text in args.items()}
     except (ValueError, SyntaxError) as err:
         parser.error(str(err))
+    bar = progress.Bar(sys.stderr, live=sys.stderr.isatty())
     try:
-        report = download(**kwargs)
+        with progress.listening(bar):
+            report = download(**kwargs)
     except (ConfigError, InputTableError, ShardError) as err:
         if verbose:
             traceback.print_exc()
         print(f"img2ds: {err}", file=sys.stderr)
         return 1 if isinstance(err, ShardError) else 2
+    finally:
+        bar.close()
     totals = report.totals
     print(
         f"{report.output_folder}: {totals['successes']} of {totals['count']} images in "

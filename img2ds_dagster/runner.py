@@ -19,6 +19,7 @@ from .defs.resources import StorageResource
 from .defs.shards import built_from_staging, shards
 from .defs.stats import download_stats, refresh_stats
 from .defs.url_tables import raise_user_error, url_tables
+from .engine import progress
 from .engine.sources import TableManifest
 from .engine.storage import remove
 from .errors import StagingMissingError
@@ -119,13 +120,19 @@ class AssetRunner:
         outcome.skipped = [k for k in keys if k in done]
         return outcome
 
-    def build_shards(self, keys: Sequence[str], max_per_run: int | None = None) -> ShardsOutcome:
-        """Materialize these shards, in runs over contiguous key ranges of ``max_per_run`` at most."""
+    def build_shards(
+        self, keys: Sequence[str], max_per_run: int | None = None, run_config: Mapping[str, Any] | None = None
+    ) -> ShardsOutcome:
+        """Materialize these shards, in runs over contiguous key ranges of ``max_per_run`` at most,
+        with the shards asset's ``run_config`` (its retry_failed mode) when given."""
         ordered = self.instance.get_dynamic_partitions(SHARDS)
         built: set[str] = set()
+        progress.expect(len(keys))
         for first, last in contiguous_ranges(ordered, keys, max_per_run or max(1, len(keys))):
             # A failed shard shows in its partition status and is reported below; it is not raised.
-            result = self._materialize(shards, raise_on_error=False, tags=range_tags(first, last))
+            result = self._materialize(
+                shards, raise_on_error=False, tags=range_tags(first, last), run_config=dict(run_config or {})
+            )
             built.update(e.partition for e in result.get_asset_materialization_events() if e.partition)
         return ShardsOutcome(
             built=[k for k in keys if k in built], failed=[k for k in keys if k not in built]

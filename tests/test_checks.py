@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,10 @@ def test_the_shards_asset_records_its_checks_per_shard(server: ImageServer, tmp_
             },
         )
         assert ranged.success  # a low success rate warns, it does not fail the run
+        logged = [e.message for e in instance.all_logs(ranged.run_id) if "this run:" in (e.message or "")]
+        assert len(logged) == 2
+        pattern = r"t/0000\d done; this run: 2 of 2 shards, 8 images \(50\.0% ok\), [\d,]+ images/s"
+        assert re.fullmatch(pattern, logged[-1])
         complete, rate = (
             _check_records(instance, "shard_is_complete"),
             _check_records(instance, "success_rate"),

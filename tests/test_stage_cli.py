@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,20 @@ def test_a_file_left_at_the_default_format_is_read_as_its_name_says(
     )  # fmt: skip
     assert wrong.returncode == 2
     assert f"{parquet}: input_format is 'csv', but the file is a parquet file" in wrong.stderr
+
+
+def test_img2ds_download_shows_its_progress(server: ImageServer, tmp_path: Path) -> None:
+    """Not on a terminal: a line per shard, with the shards done of how many, images, rate, time left."""
+    urls = [server.url("/gen/64x64.jpg"), server.url("/status/404")] * 3
+    url_file = write_url_file(tmp_path / "list.txt", urls)
+    run = shell(
+        tmp_path, "img2ds", "download", "--url_list", str(url_file), "--output_folder", str(tmp_path / "o"),
+        "--number_sample_per_shard", "2",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if " shards, " in line]
+    assert len(lines) == 3
+    assert re.fullmatch(
+        r"list/0000\d: 1 of 3 shards, 2 images \(50\.0% ok\), [\d,]+ images/s, about .+ left", lines[0]
+    )
+    assert re.fullmatch(r"list/0000\d: 3 of 3 shards, 6 images \(50\.0% ok\), [\d,]+ images/s", lines[-1])

@@ -14,6 +14,7 @@ import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
 from ..config import ShardsConfig
+from ..engine import progress
 from ..engine.distribute import build_shards
 from ..engine.shard import ShardResult
 from ..engine.sources import TableManifest
@@ -65,6 +66,7 @@ with warnings.catch_warnings():
         staging = storage.staging_area()
         reports: dict[str, tuple[ShardReport, float]] = {}
         per_shard_checks = len(keys) > 1  # see checks.py
+        tally = progress.Tally(total=len(jobs))
         for job, result in build_shards(staging.root, list(jobs), settings):
             key = jobs[job]
             if isinstance(result, ShardError):
@@ -78,6 +80,9 @@ with warnings.catch_warnings():
             yield shard_materialization(context.asset_key, key, result, contact_sheet_metadata(report))
             if per_shard_checks:
                 log_shard_checks(context, key, report, threshold)
+            tally.add(result)
+            context.log.info(f"{key} done; this run: {tally.line()}")
+            progress.shard_done(result)
         if failed:
             raise dg.Failure(
                 description=f"{len(failed)} of {len(jobs)} shards failed: "

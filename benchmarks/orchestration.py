@@ -55,12 +55,15 @@ RUN_QUEUE += "  config:\n    max_concurrent_runs: 0\n"  # runs wait in the queue
 EVENT_BATCH = 1000
 
 
-def instance_yaml(home: Path, postgres_url: str | None) -> None:
-    storage = (
-        f"storage:\n  postgres:\n    postgres_url: {postgres_url}\n"
-        if postgres_url
-        else f"storage:\n  sqlite:\n    base_dir: {home / 'storage'}\n"
-    )
+def instance_yaml(home: Path, postgres_url: str | None, stock: bool) -> None:
+    kind = "postgres" if postgres_url else "sqlite"
+    config = f"postgres_url: {postgres_url}" if postgres_url else f"base_dir: {home / 'storage'}"
+    if stock:  # Dagster's own storage
+        storage = f"storage:\n  {kind}:\n    {config}\n"
+    else:  # the project's (img2ds_dagster/instance), as dagster.yaml and deploy/ use it
+        module = f"img2ds_dagster.instance.{kind}"
+        storage = f"storage:\n  custom:\n    module: {module}\n    class: {kind.capitalize()}Storage\n"
+        storage += f"    config:\n      {config}\n"
     (home / "dagster.yaml").write_text(storage + RUN_QUEUE + "telemetry:\n  enabled: false\n")
 
 
@@ -181,11 +184,11 @@ def _run_size(tags: dict[str, str], keys: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def instance_at(home: Path, postgres: bool) -> Iterator[dg.DagsterInstance]:
+def instance_at(home: Path, postgres: bool, stock: bool) -> Iterator[dg.DagsterInstance]:
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(postgres_server()).url if postgres else None
         home.mkdir(parents=True, exist_ok=True)
-        instance_yaml(home, url)
+        instance_yaml(home, url, stock)
         os.environ["DAGSTER_HOME"] = str(home)
         instance = stack.enter_context(dg.DagsterInstance.from_config(str(home)))
         yield instance
@@ -196,6 +199,7 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=100_000)
     parser.add_argument("--rows-per-shard", type=int, default=10)
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL, not sqlite")
+    parser.add_argument("--stock-storage", action="store_true", help="Dagster's storage, not the project's")
     parser.add_argument("--skip", default="", help="steps to leave out: sensor, backfill, restage")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -205,15 +209,16 @@ def main() -> int:
         "rows_per_shard": args.rows_per_shard,
         "storage": "postgres" if args.postgres else "sqlite",
         "shards_per_run": os.environ.get("IMG2DS_SHARDS_PER_RUN", "default"),
-        # Dagster writes one "materialization planned" event per shard of each run it creates; with
-        # a batch size, in batches (one insert each on Postgres; sqlite still commits each).
-        "dagster_event_batch_size": os.environ.get("DAGSTER_EVENT_BATCH_SIZE", "0"),
+        # Dagster writes one "materialization planned" event per shard of each run it creates: the
+        # project's storage writes a run's together, Dagster's one by one.
+        "storage_class": "dagster" if args.stock_storage else "img2ds_dagster.instance",
     }
     with tempfile.TemporaryDirectory(prefix="img2ds-orchestration-") as tmp:
         root = Path(tmp)
         os.chdir(root)  # the code location's data/ folders, for the code server and the runs
         source = url_file(root / f"{TABLE}.parquet", args.shards * args.rows_per_shard)
-        with instance_at(root / "home", args.postgres) as instance, daemon_workspace(instance) as ctx:
+        at = instance_at(root / "home", args.postgres, args.stock_storage)
+        with at as instance, daemon_workspace(instance) as ctx:
             instance.add_dynamic_partitions(URL_TABLES, [TABLE])
             report["stage_seconds"] = round(stage(instance, root, source, args.rows_per_shard), 1)
             keys = [k for k in instance.get_dynamic_partitions(SHARDS) if k.startswith(TABLE + "/")]

@@ -48,10 +48,14 @@ log = logging.getLogger(__name__)
 
 STATE_FOLDER = ".img2ds"
 INSTANCE_YAML = """\
-# Dagster instance of img2ds_dagster.download() for this output folder (sqlite, next to this file).
+# Dagster instance of img2ds_dagster.download() for this output folder (sqlite, next to this file;
+# the storage is Dagster's, with a run's planned events written together: img2ds_dagster/instance).
 storage:
-  sqlite:
-    base_dir: {base}
+  custom:
+    module: img2ds_dagster.instance.sqlite
+    class: SqliteStorage
+    config:
+      base_dir: {base}
 telemetry:
   enabled: false
 """
@@ -438,6 +442,7 @@ def _instance(state: Path) -> dg.DagsterInstance:
     home = state / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(INSTANCE_YAML.format(base=home / "storage"))
+    text = INSTANCE_YAML.format(base=home / "storage")
+    if not config.exists() or config.read_text() != text:  # an instance made by an earlier version
+        config.write_text(text)
     return dg.DagsterInstance.from_config(str(home))

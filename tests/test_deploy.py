@@ -179,7 +179,7 @@ def check_k8s_launcher(config: Mapping[str, Any]) -> None:
 
 
 CLASS_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
-    "DagsterPostgresStorage": check_postgres,
+    "PostgresStorage": check_postgres,
     "EcsRunLauncher": check_ecs_launcher,
     "K8sRunLauncher": check_k8s_launcher,
 }
@@ -194,8 +194,8 @@ def test_both_profiles_are_there() -> None:
 def test_profile_is_valid(path: Path) -> None:
     configs = validate_profile(path)
     launcher = {ECS: "EcsRunLauncher", K8S: "K8sRunLauncher"}[path]
-    assert {launcher, "DagsterPostgresStorage", "S3ComputeLogManager"} <= set(configs)
-    url = pg_url_from_config(configs["DagsterPostgresStorage"])
+    assert {launcher, "PostgresStorage", "S3ComputeLogManager"} <= set(configs)
+    url = pg_url_from_config(configs["PostgresStorage"])
     assert "dummy-dagster-pg-host:5432/dummy-dagster-pg-db" in url
 
 
@@ -243,8 +243,8 @@ def test_every_environment_variable_is_documented() -> None:
 
 # (profile, path to a key, its misspelling; None: the key left out)
 MISSPELLINGS: list[tuple[Path, tuple[str | int, ...], str | None]] = [
-    (ECS, ("storage", "postgres", "postgres_db", "hostname"), "host"),
-    (ECS, ("storage", "postgres", "postgres_db", "scheme"), None),
+    (ECS, ("storage", "custom", "config", "postgres_db", "hostname"), "host"),
+    (ECS, ("storage", "custom", "config", "postgres_db", "scheme"), None),
     (ECS, ("concurrency", "pools", "default_limit"), "default_limt"),
     (ECS, ("run_monitoring", "start_timeout_seconds"), "start_timeout"),
     (ECS, ("run_launcher", "config", "use_current_ecs_task_config"), "use_current_task_config"),

@@ -204,6 +204,7 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    report_path = Path(args.json).resolve() if args.json else None  # before the chdir below
     report: dict[str, Any] = {
         "shards": args.shards,
         "rows_per_shard": args.rows_per_shard,
@@ -236,8 +237,8 @@ def main() -> int:
                 report["restage_tick"] = enqueue_by_sensor(ctx)
                 print(f"re-stage tick at {len(keys)} built shards: {report['restage_tick']}", flush=True)
     print(json.dumps(report, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -199,3 +199,21 @@ def test_partition_keys_are_read_again_only_when_another_instance_changed_them(
         keys = ours.get_dynamic_partitions(name)
         keys.append("not stored")
         assert ours.get_dynamic_partitions(name) == ["c", "d", "e", "f"]
+
+
+def test_sqlite_keeps_a_bounded_number_of_engines(tmp_path: Path) -> None:
+    from img2ds_dagster.instance.sqlite import ENGINES_KEPT
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(storage_yaml("sqlite", True, str(tmp_path / "storage")))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = [f"run{i:03d}" for i in range(ENGINES_KEPT + 8)]
+        for run_id in runs:  # each run's events go to a database file of its own
+            instance.report_engine_event(f"hello from {run_id}", job_name="test", run_id=run_id)
+        storage: Any = instance.event_log_storage
+        assert len(storage._engines) == ENGINES_KEPT
+        assert runs[0] not in storage._engines
+        for run_id in (runs[0], runs[-1]):  # an engine let go is made again when needed
+            (record,) = instance.all_logs(run_id)
+            assert record.get_dagster_event().message == f"hello from {run_id}"

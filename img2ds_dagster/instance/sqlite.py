@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import sqlalchemy as db
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log import SqliteEventLogStorage as DagsterSqliteEventLogStorage
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster._core.storage.schedules import SqliteScheduleStorage
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.storage.sqlite_storage import (
     DagsterSqliteStorage,
     _event_logs_directory,
@@ -19,14 +23,44 @@ from dagster._core.storage.sqlite_storage import (
 )
 from dagster._serdes import ConfigurableClassData
 from dagster._utils import mkdir_p
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
 
 from . import BulkPlannedEvents, CachedDynamicPartitions, enable_event_batches
+
+# Engines kept, one per database file (the index and the latest runs' files); see _connect.
+ENGINES_KEPT = 32
 
 
 class SqliteEventLogStorage(CachedDynamicPartitions, BulkPlannedEvents, DagsterSqliteEventLogStorage):
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         enable_event_batches()
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
         super().__init__(base_dir, inst_data=inst_data)
+
+    @contextmanager
+    def _connect(self, shard: str) -> Iterator[Connection]:
+        """Dagster's, with the engine of each database file kept rather than created for every
+        statement: creating one was 2-3 ms of each event written, 0.6 s of a 20-URL download()'s 43
+        events under cProfile. With NullPool an engine holds no connection, so a kept one holds no
+        file open; each use still opens and closes its own connection, as Dagster's does."""
+        with self._db_lock:
+            engine = self._engines.get(shard)
+            if engine is None:
+                engine = db.create_engine(
+                    self.conn_string_for_shard(shard),
+                    poolclass=NullPool,
+                    connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+                )
+                self._engines[shard] = engine
+                if len(self._engines) > ENGINES_KEPT:
+                    self._engines.popitem(last=False)
+            self._engines.move_to_end(shard)
+            if shard not in self._initialized_dbs:
+                self._initdb(engine)
+                self._initialized_dbs.add(shard)
+            with engine.connect() as conn, conn.begin():
+                yield conn
 
     @classmethod
     def from_config_value(

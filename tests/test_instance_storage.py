@@ -8,6 +8,7 @@ statements where Dagster's writes them one by one (counted at the database drive
 import contextlib
 import dataclasses
 import os
+import sqlite3
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +218,25 @@ def test_sqlite_keeps_a_bounded_number_of_engines(tmp_path: Path) -> None:
         for run_id in (runs[0], runs[-1]):  # an engine let go is made again when needed
             (record,) = instance.all_logs(run_id)
             assert record.get_dagster_event().message == f"hello from {run_id}"
+
+
+def test_a_new_run_database_is_made_as_dagster_makes_it(tmp_path: Path) -> None:
+    def run_database(ours: bool) -> dict[str, Any]:
+        home = tmp_path / ("ours" if ours else "stock")
+        home.mkdir()
+        storage = home / "storage"
+        (home / "dagster.yaml").write_text(storage_yaml("sqlite", ours, str(storage)))
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.report_engine_event("hello", job_name="test", run_id="run1")
+        with contextlib.closing(sqlite3.connect(storage / "history" / "runs" / "run1.db")) as conn:
+            return {
+                "schema": conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall(),
+                "revision": conn.execute("SELECT version_num FROM alembic_version").fetchall(),
+                "journal": conn.execute("PRAGMA journal_mode").fetchall(),
+                "events": conn.execute("SELECT COUNT(*) FROM event_logs").fetchall(),
+            }
+
+    ours, stock = run_database(True), run_database(False)
+    assert ours == stock
+    assert stock["journal"] == [("wal",)]
+    assert stock["events"] == [(1,)]

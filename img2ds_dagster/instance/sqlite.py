@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -9,11 +10,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as db
+from alembic.script import ScriptDirectory
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log import SqliteEventLogStorage as DagsterSqliteEventLogStorage
+from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.runs import SqliteRunStorage
 from dagster._core.storage.schedules import SqliteScheduleStorage
+from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.storage.sqlite_storage import (
     DagsterSqliteStorage,
@@ -30,6 +35,13 @@ from . import BulkPlannedEvents, CachedDynamicPartitions, enable_event_batches
 
 # Engines kept, one per database file (the index and the latest runs' files); see _connect.
 ENGINES_KEPT = 32
+# The table alembic stamps a database's schema revision in, as alembic creates it.
+ALEMBIC_VERSION = db.Table(
+    "alembic_version",
+    db.MetaData(),
+    db.Column("version_num", db.String(32), nullable=False),
+    db.PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
 
 
 class SqliteEventLogStorage(CachedDynamicPartitions, BulkPlannedEvents, DagsterSqliteEventLogStorage):
@@ -57,10 +69,33 @@ class SqliteEventLogStorage(CachedDynamicPartitions, BulkPlannedEvents, DagsterS
                     self._engines.popitem(last=False)
             self._engines.move_to_end(shard)
             if shard not in self._initialized_dbs:
-                self._initdb(engine)
+                if shard == sqlite_event_log.INDEX_SHARD_NAME or not self._create_run_database(engine):
+                    self._initdb(engine)
                 self._initialized_dbs.add(shard)
             with engine.connect() as conn, conn.begin():
                 yield conn
+
+    def _create_run_database(self, engine: Engine) -> bool:
+        """A new run's database file, made as Dagster's _initdb makes it (WAL, the event log's tables,
+        stamped with alembic's head revision), without asking alembic for the head each time: it
+        reads all its migration scripts to answer, twice for each run created. False, for Dagster's
+        _initdb to do it, when the file already has tables (a run from before, or another process
+        making it now) or making it failed."""
+        try:
+            with engine.connect() as conn:
+                tables = db.inspect(conn).get_table_names()
+                conn.rollback()  # the pragma has no effect inside the transaction that began
+                if tables:
+                    return False
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL;")
+                conn.commit()
+                with conn.begin():
+                    SqlEventLogStorageMetadata.create_all(conn)
+                    ALEMBIC_VERSION.create(conn)
+                    conn.execute(ALEMBIC_VERSION.insert().values(version_num=_head_revision()))
+        except db.exc.DatabaseError:
+            return False
+        return True
 
     @classmethod
     def from_config_value(
@@ -105,3 +140,10 @@ class SqliteStorage(DagsterSqliteStorage):
             SqliteEventLogStorage.__name__,
             json.dumps({"base_dir": _event_logs_directory(self.base_dir)}),  # YAML, as JSON is
         )
+
+
+@functools.cache
+def _head_revision() -> str:
+    """alembic's head revision of Dagster's event log schema, read once per process."""
+    config = get_alembic_config(sqlite_event_log.__file__)
+    return str(ScriptDirectory.from_config(config).as_revision_number("head"))

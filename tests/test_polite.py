@@ -5,6 +5,7 @@ shards, a host answering 429s in a row backed off while others go on, a dead hos
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
 import itertools
 import socket
@@ -19,7 +20,7 @@ import pytest
 from conftest import write_url_file
 from imageserver import ImageServer
 
-from img2ds_dagster.engine.distribute import build_shards
+from img2ds_dagster.engine.distribute import build_on_worker, build_shards, drop_worker_shared, worker_shared
 from img2ds_dagster.engine.fetch import Fetcher, FetchResult, HttpClient
 from img2ds_dagster.engine.polite import Politeness
 from img2ds_dagster.engine.sample import xmp_data_mining_prohibition
@@ -345,6 +346,29 @@ def test_the_connection_cap_per_host_holds_across_shards(site: tuple[Site, int],
     results = dict(build_shards(staging.root, [ShardJob("t", i) for i in range(3)], workers))
     assert all(r.stats.successes == 20 for r in results.values() if not isinstance(r, Exception))
     assert state.most_in_flight == 3  # reached, never passed, with 48 downloads wanting to go
+
+
+def test_a_cluster_worker_process_fetches_robots_txt_once_for_all_its_shards(
+    site: tuple[Site, int], tmp_path: Path
+) -> None:
+    """Ray and Spark run a worker process's tasks one after another: its shards share one client."""
+    state, port = site
+    state.robots = (200, ROBOTS)
+    staging = stage(
+        tmp_path, [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(6)], number_sample_per_shard=2
+    )
+    workers = Workers(thread_count=2, max_connections_per_host=5)
+    try:
+        results = [build_on_worker(staging.root, ShardJob("t", i), workers, "test") for i in range(3)]
+        assert [r.stats.successes for r in results if not isinstance(r, Exception)] == [2, 2, 2]
+        assert state.hits_of("/robots.txt") == 1
+        assert worker_shared(workers) is worker_shared(workers)
+        assert worker_shared(dataclasses.replace(workers, max_connections_per_host=6)) is not worker_shared(
+            workers
+        )
+    finally:
+        drop_worker_shared(workers)
+        drop_worker_shared(dataclasses.replace(workers, max_connections_per_host=6))
 
 
 def test_a_host_that_answers_429_twice_in_a_row_is_backed_off_while_others_go_on(

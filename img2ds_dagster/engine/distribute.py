@@ -114,14 +114,60 @@ class _Once:
 def build_on_worker(
     staging_root: str, job: ShardJob, workers: Workers, worker: str
 ) -> ShardResult | ShardError:
-    """What a cluster task runs: one shard, with a CPU pool and an HTTP client of its own, its
-    failure returned rather than raised (the engine retries lost tasks; a failed shard is Dagster's
-    to retry). ``worker`` names where it ran, for the shard's stats."""
+    """What a cluster task runs: one shard, with the CPU pool and HTTP client of its worker process
+    (``worker_shared``), its failure returned rather than raised (the engine retries lost tasks; a
+    failed shard is Dagster's to retry). ``worker`` names where it ran, for the shard's stats."""
     try:
-        result = build_shard(Staging(staging_root), job, workers, where=worker)
-    except Exception as err:
+        shared = worker_shared(workers)
+        result = build_shard(Staging(staging_root), job, workers, shared=shared, where=worker)
+    except ShardError as err:
+        return err
+    except Exception as err:  # the pool or the client may be what broke: the next shard gets new ones
+        drop_worker_shared(workers)
         return shard_error(job, err)
     return result
+
+
+# A worker process's CPU pool and HTTP client, by the settings they were made for.
+_WORKER_SHARED: dict[tuple[int, int, float, int], Shared] = {}
+_WORKER_SHARED_LOCK = threading.Lock()
+
+
+def _shared_key(workers: Workers) -> tuple[int, int, float, int]:
+    return (
+        workers.cpu_slots,
+        workers.max_connections_per_host,
+        workers.min_request_interval,
+        workers.host_failure_limit,
+    )
+
+
+def worker_shared(workers: Workers) -> Shared:
+    """The CPU pool and HTTP client of this worker process, made by its first shard and kept for
+    the next: Ray and Spark run a process's tasks one after another in the same process, so its
+    shards share one pool of threads and one client, as the shards of an in-process run do (each
+    host's robots.txt fetched once per process, not once per shard; the per-host limits held across
+    the process's shards). Their threads are daemons: nothing keeps the process from ending."""
+    key = _shared_key(workers)
+    with _WORKER_SHARED_LOCK:
+        shared = _WORKER_SHARED.get(key)
+        if shared is None:
+            cpu = CpuPool(workers.cpu_slots)
+            try:
+                client = HttpClient(workers.politeness())
+            except BaseException:
+                cpu.close()
+                raise
+            shared = _WORKER_SHARED[key] = Shared(cpu, client)
+        return shared
+
+
+def drop_worker_shared(workers: Workers) -> None:
+    with _WORKER_SHARED_LOCK:
+        shared = _WORKER_SHARED.pop(_shared_key(workers), None)
+    if shared is not None:
+        shared.client.close()
+        shared.cpu.close()
 
 
 def shard_error(job: ShardJob, err: BaseException) -> ShardError:

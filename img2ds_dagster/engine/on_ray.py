@@ -1,9 +1,10 @@
 """``distributor="ray"``: one Ray task per shard, spread over the cluster's nodes.
 
-Each task builds its shard with ``build_on_worker`` (a CPU pool of the task's ``num_cpus`` threads
-and an HTTP client of its own) and returns the result, or the ShardError naming it. Ray retries a
-task whose worker process or node died (``task_retries`` times); what fails after that comes back as
-a ShardError, which Dagster's retry of the shard takes over. Importing this module imports ray.
+Each task builds its shard with ``build_on_worker`` (with its worker process's CPU pool of
+``num_cpus`` threads and HTTP client, kept for the process's next tasks) and returns the result,
+or the ShardError naming it. Ray retries a task whose worker process or node died (``task_retries``
+times); what fails after that comes back as a ShardError, which Dagster's retry of the shard takes
+over. Importing this module imports ray.
 """
 
 from __future__ import annotations

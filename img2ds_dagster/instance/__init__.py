@@ -121,7 +121,8 @@ class CachedDynamicPartitions:
     What the check cannot see: on sqlite, which reuses the highest id once its row is deleted, the
     newest partition deleted and another added in the same second (creation times are to the
     second) by another process after this one read them. The project deletes shard partitions only
-    when a table is staged again, and adds them when it is staged, never within the second."""
+    when a table is staged again with fewer shards, and that run adds none; two tables staged at
+    once in the same second, one shrinking by as many shards as the other adds, would be missed."""
 
     def get_dynamic_partitions(self, partitions_def_name: str) -> Sequence[str]:
         storage: Any = self

@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
 import fsspec
@@ -99,13 +100,18 @@ def assert_every_row_once(manifest: TableManifest) -> None:
         assert sorted(n for n in names if n.endswith(".jpg")) == sorted(f"{k}.jpg" for k in successes)
 
 
-def workers_seen(manifest: TableManifest) -> set[str]:
-    """Where each shard was built, as its stats file says."""
-    seen = set()
+def shard_stats(manifest: TableManifest) -> list[dict[str, Any]]:
+    """Each shard's stats file."""
+    stats = []
     for i in manifest.shard_ids:
         with fsspec.open(f"{manifest.output_folder}/{manifest.shard_name(i)}_stats.json", "r") as f:
-            seen.add(json.load(f)["worker"])
-    return seen
+            stats.append(json.load(f))
+    return stats
+
+
+def workers_seen(manifest: TableManifest) -> set[str]:
+    """Where each shard was built, as its stats file says."""
+    return {stats["worker"] for stats in shard_stats(manifest)}
 
 
 def started_shards(server: ImageServer, table: str, shards: int) -> Callable[[], set[int]]:

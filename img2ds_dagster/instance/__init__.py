@@ -4,7 +4,7 @@
 Dagster writes one such event per partition of every run it creates (the partition bar reads them
 to show a shard of a failed run as failed), and its storages write each event on its own: several
 connections, SQL compilations and commits per shard. That was nearly all the time it took to queue
-a backfill of 100,000 shards (benchmarks/orchestration.py; README, "Orchestration at scale").
+a backfill of 100,000 shards (benchmarks/orchestration.py; README, "How many shards per run").
 ``BulkPlannedEvents`` writes a run's planned events together, the same rows Dagster writes one by
 one, so what the UI and the daemons read is unchanged. Then the next cost: planning each run
 reads every key of the dynamic partitions (once for the asset, once per check), 100,000 rows three

@@ -6,6 +6,8 @@ import gc
 import json
 import os
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -259,6 +261,22 @@ def test_objects_the_process_froze_itself_stay_frozen(
         assert 0.9 * before <= gc.get_freeze_count() <= before
     finally:
         gc.unfreeze()
+
+
+def test_the_heap_is_left_out_of_the_collections_at_exit() -> None:
+    # A handler registered before prepare_process() runs after its own (atexit is last in, first
+    # out): by then the heap is frozen, and only the interpreter's teardown is left.
+    script = (
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count()))\n"
+        "from img2ds_dagster.engine.runtime import prepare_process\n"
+        "prepare_process()\n"
+        "print('frozen before exit:', gc.get_freeze_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    before, at_exit = (int(line.rsplit(" ", 1)[1]) for line in out.splitlines())
+    assert before == 0
+    assert at_exit > 10_000  # OpenCV, numpy, fsspec and the engine's modules, at least
 
 
 def test_an_unexpected_error_fails_the_shard_as_itself(

@@ -5,6 +5,7 @@ location). Nothing here happens at import, but OpenCV's pixel limit (``engine/__
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import functools
@@ -28,6 +29,21 @@ def prepare_process() -> None:
     # exifread logs a warning for every file without EXIF; img2dataset silences it the same way.
     logging.getLogger("exifread").setLevel(logging.CRITICAL)
     _uncached_s3_listings()
+    _no_collections_at_exit()
+
+
+def _no_collections_at_exit() -> None:
+    """Leave the heap out of the interpreter's last garbage collections.
+
+    At exit, Python collects garbage several times while it tears the modules down, each time
+    walking every object Dagster and its libraries made: measured on a 10,000-URL Dagster-path run
+    (benchmarks/polite.py's corpus), the process took 1.03 s from the run's end to its exit, and
+    0.06 s with the heap frozen (``gc.freeze``) first. Frozen at exit only: while the process lives
+    nothing is taken out of collections for good. The objects are still freed as the modules go;
+    what is skipped is finding cycles in them, whose finalizers Python does not promise to run at
+    exit anyway. Registered once per process, early, so it runs after the handlers registered later.
+    """
+    atexit.register(gc.freeze)
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

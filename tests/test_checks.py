@@ -21,6 +21,7 @@ from img2ds_dagster.defs.resources import StorageResource, WorkersResource
 from img2ds_dagster.defs.shards import shards
 from img2ds_dagster.defs.stats import download_stats
 from img2ds_dagster.defs.url_tables import url_tables
+from img2ds_dagster.engine import verify
 from img2ds_dagster.engine.verify import WrittenShard, verify_shard
 
 ROWS = len(GOOD_IMAGES) + len(BAD_IMAGES)
@@ -67,6 +68,67 @@ def test_a_missing_member_an_extra_one_and_a_doubled_one_are_named(
         "1 files that no successful sample has, e.g. ['stray.jpg']",
         f"1 files written twice, e.g. ['{members[1][0].name}']",
     ]
+
+
+def _rewritten(tar_path: Path, tar_format: int, long_name: bool) -> list[str]:
+    """The tar written again by tarfile in ``tar_format``, with a stray member (its name over 100
+    bytes when ``long_name``: a pax or GNU long-name header); returns the names, in order."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    stray = tarfile.TarInfo(("d" * 120 + "/" if long_name else "") + "stray.jpg")
+    with tarfile.open(tar_path, "w", format=tar_format) as tar:
+        for member, data in [*members, (stray, b"x")]:
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return [m.name for m, _ in members] + [stray.name]
+
+
+@pytest.mark.parametrize(
+    ("tar_format", "long_name"),
+    [
+        (tarfile.USTAR_FORMAT, False),
+        (tarfile.GNU_FORMAT, False),
+        (tarfile.GNU_FORMAT, True),
+        (tarfile.PAX_FORMAT, True),
+    ],
+)
+def test_a_tar_in_any_format_is_read_as_tarfile_reads_it(
+    server: ImageServer, tmp_path: Path, tar_format: int, long_name: bool
+) -> None:
+    # The checks read plain USTAR tars themselves and hand anything else to tarfile.
+    shard = build(server, tmp_path, "webdataset")
+    names = _rewritten(Path(shard.folder) / "00000.tar", tar_format, long_name)
+    assert verify_shard(shard).problems == [f"1 files that no successful sample has, e.g. ['{names[-1]}']"]
+
+
+def _verdict(shard: WrittenShard) -> list[str] | str:
+    try:
+        return verify_shard(shard).problems
+    except Exception as err:  # the verdict compared is whatever happens
+        return f"{type(err).__name__}: {err}"
+
+
+@pytest.mark.parametrize("damage", ["truncated in a member", "truncated in a header", "bad checksum"])
+def test_a_damaged_tar_gets_tarfiles_verdict(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    shard = build(server, tmp_path, "webdataset")
+    tar_path = Path(shard.folder) / "00000.tar"
+    with tarfile.open(tar_path) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    raw = bytearray(tar_path.read_bytes())
+    cut = offsets[len(offsets) // 2]
+    if damage == "truncated in a member":
+        raw = raw[: cut + 700]
+    elif damage == "truncated in a header":
+        raw = raw[: cut + 100]
+    else:
+        raw[cut] ^= 0x01  # a byte of its name: its checksum no longer matches
+    tar_path.write_bytes(bytes(raw))
+    ours = _verdict(shard)
+    monkeypatch.setattr(verify, "_plain_tar_names", lambda *_: None)  # tarfile alone
+    assert ours == _verdict(shard)
+    assert ours  # and it is not taken for a complete shard
 
 
 def test_metadata_that_disagrees_with_the_staging_or_the_stats_is_named(

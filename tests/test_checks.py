@@ -70,9 +70,9 @@ def test_a_missing_member_an_extra_one_and_a_doubled_one_are_named(
     ]
 
 
-def _rewritten(tar_path: Path, tar_format: int, long_name: bool) -> list[str]:
+def _rewritten(tar_path: Path, tar_format: int, long_name: bool) -> str:
     """The tar written again by tarfile in ``tar_format``, with a stray member (its name over 100
-    bytes when ``long_name``: a pax or GNU long-name header); returns the names, in order."""
+    bytes when ``long_name``: a pax or GNU long-name header); returns the stray member's name."""
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
     stray = tarfile.TarInfo(("d" * 120 + "/" if long_name else "") + "stray.jpg")
@@ -80,7 +80,7 @@ def _rewritten(tar_path: Path, tar_format: int, long_name: bool) -> list[str]:
         for member, data in [*members, (stray, b"x")]:
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    return [m.name for m, _ in members] + [stray.name]
+    return stray.name
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,8 @@ def test_a_tar_in_any_format_is_read_as_tarfile_reads_it(
 ) -> None:
     # The checks read plain USTAR tars themselves and hand anything else to tarfile.
     shard = build(server, tmp_path, "webdataset")
-    names = _rewritten(Path(shard.folder) / "00000.tar", tar_format, long_name)
-    assert verify_shard(shard).problems == [f"1 files that no successful sample has, e.g. ['{names[-1]}']"]
+    stray = _rewritten(Path(shard.folder) / "00000.tar", tar_format, long_name)
+    assert verify_shard(shard).problems == [f"1 files that no successful sample has, e.g. ['{stray}']"]
 
 
 def _verdict(shard: WrittenShard) -> list[str] | str:

@@ -169,9 +169,9 @@ def _plain_tar_names(
     counted; None at the first header that is anything else (pax or GNU headers, links, a bad
     checksum, a truncated file), which ``tarfile`` then reads and judges.
 
-    ``tarfile`` spends ~38 us of interpreter time on each header, with the GIL held: 0.1 s per
-    1,000-sample shard, on the run's main thread, while other shards download and decode. Here a
-    header is one 512-byte read, its checksum and two fields (a few us)."""
+    ``tarfile`` streaming a 1,000-sample shard (2,600 members) took 67 ms of CPU with the GIL held,
+    on the run's main thread, while other shards download and decode; this reads each header (one
+    512-byte read, its checksum and two fields) and seeks over the data: 21 ms."""
     names: Counter[str] = Counter()
     while len(header := raw.read(_BLOCK)) == _BLOCK:
         if not any(header):

@@ -6,7 +6,9 @@ A 2-core machine cannot show a cluster's speed-up; what it shows is the overhead
 (until the first shard starts: the engine's start, Ray's or Spark's included), the shard phase
 (first shard start to last shard end, from the stats files), and the CPU per image. CPU is counted
 for the whole machine (/proc/stat, busy time) minus nginx's, since Ray's and Spark's workers are
-not children that the run waits for.
+not children that the run waits for: over the whole call, and over the shard phase alone (sampled
+every 0.1 s), which leaves out the cluster's start and stop, paid once by a cluster that outlives
+its calls.
 
     .venv/bin/python -m benchmarks.distributors --count 10000 --json benchmarks/results/distributors_10k.json
 """
@@ -18,7 +20,10 @@ import json
 import os
 import shutil
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,7 @@ SUMMARIZED = (
     "shard_phase_seconds",
     "images_per_second",
     "cpu_ms_per_image",
+    "shard_phase_cpu_ms_per_image",
 )
 
 
@@ -54,10 +60,60 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+class BusyTimeline:
+    """(time, machine busy seconds minus nginx's) every ``interval`` seconds while running, so that
+    the CPU spent between two moments known only afterwards (the shard phase) can be read off."""
+
+    def __init__(self, nginx_pid: int, interval: float = 0.1) -> None:
+        self.nginx_pids = _nginx_pids(nginx_pid)
+        self.interval = interval
+        self.points: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        self.points.append((time.time(), machine_busy_seconds() - _cpu_seconds(self.nginx_pids)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @contextmanager
+    def running(self) -> Iterator[BusyTimeline]:
+        self._sample()
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+            self._sample()
+
+    def at(self, moment: float) -> float:
+        """Busy seconds at ``moment``, interpolated between the samples around it."""
+        before = max((p for p in self.points if p[0] <= moment), default=self.points[0])
+        after = min((p for p in self.points if p[0] >= moment), default=self.points[-1])
+        if after[0] == before[0]:
+            return before[1]
+        share = (moment - before[0]) / (after[0] - before[0])
+        return before[1] + share * (after[1] - before[1])
+
+    def between(self, start: float, end: float) -> float:
+        return self.at(end) - self.at(start)
+
+
 def shard_phase(out: Path) -> tuple[float, float, int]:
     """(first shard start, last shard end, shards) from the stats files."""
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     return min(s["start_time"] for s in stats), max(s["end_time"] for s in stats), len(stats)
+
+
+def round_ratios(runs: list[dict[str, Any]], name: str, key: str) -> list[float]:
+    """``key`` of each round's ``name`` run over the same round's in-process run, sorted."""
+    local = {r["round"]: r[key] for r in runs if r["distributor"] == "multiprocessing"}
+    return sorted(
+        round(r[key] / local[r["round"]], 3) for r in runs if r["distributor"] == name and r["round"] in local
+    )
 
 
 def main() -> int:
@@ -91,15 +147,14 @@ def main() -> int:
                     "url_list": str(urls),
                     "output_folder": str(out),
                 }
-                nginx_before, busy_before = _cpu_seconds(_nginx_pids(nginx.pid)), machine_busy_seconds()
                 started = time.time()
-                measured = run_measured(
-                    command("download", options, Path()), env=dict(os.environ), cwd=ROOT.parent
-                )
-                busy = machine_busy_seconds() - busy_before
-                busy -= _cpu_seconds(_nginx_pids(nginx.pid)) - nginx_before
+                with BusyTimeline(nginx.pid).running() as timeline:
+                    measured = run_measured(
+                        command("download", options, Path()), env=dict(os.environ), cwd=ROOT.parent
+                    )
                 if measured.returncode != 0:
                     raise SystemExit(f"{name} failed:\n{measured.output}")
+                busy = timeline.points[-1][1] - timeline.points[0][1]
                 first, last, shards = shard_phase(out)
                 successes = outcome(out)["success"]
                 run = {
@@ -113,12 +168,14 @@ def main() -> int:
                     "images_per_second": successes / measured.wall_seconds,
                     "shard_phase_images_per_second": successes / (last - first),
                     "cpu_ms_per_image": 1000 * busy / max(1, successes),
+                    "shard_phase_cpu_ms_per_image": 1000 * timeline.between(first, last) / max(1, successes),
                 }
                 runs.append(run)
                 print(
                     f"round {round_} {name:<16} wall {run['wall_seconds']:5.1f}s, start-up "
                     f"{run['startup_seconds']:4.1f}s, shards {run['shard_phase_seconds']:5.1f}s, "
-                    f"{run['images_per_second']:5.1f} images/s, {run['cpu_ms_per_image']:.2f} CPU ms/image",
+                    f"{run['images_per_second']:5.1f} images/s, {run['cpu_ms_per_image']:.2f} CPU ms/image "
+                    f"({run['shard_phase_cpu_ms_per_image']:.2f} in the shard phase)",
                     flush=True,
                 )
     summary: dict[str, Any] = {}
@@ -133,6 +190,12 @@ def main() -> int:
                 row["shard_phase_seconds"] - local["shard_phase_seconds"]
             ) / shards
             row["cpu_per_image_vs_in_process"] = row["cpu_ms_per_image"] / local["cpu_ms_per_image"]
+            row["shard_phase_cpu_per_image_vs_in_process"] = (
+                row["shard_phase_cpu_ms_per_image"] / local["shard_phase_cpu_ms_per_image"]
+            )
+            # The machine's speed drifts between rounds more than the distributors differ: each
+            # round's ratio is against the in-process run of the same round.
+            row["shard_phase_cpu_ratio_by_round"] = round_ratios(runs, name, "shard_phase_cpu_ms_per_image")
         print(name, json.dumps(row))
     if args.json:
         Path(args.json).write_text(

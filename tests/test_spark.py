@@ -31,6 +31,7 @@ from imageserver import ImageServer
 from pyspark.sql import SparkSession
 
 from img2ds_dagster import download
+from img2ds_dagster.engine.on_spark import task_workers
 from img2ds_dagster.engine.shard import ShardResult, Workers
 from img2ds_dagster.errors import ConfigError
 
@@ -87,6 +88,18 @@ def test_every_shard_once_on_both_executors_and_byte_identical(
     assert_every_row_once(manifest)
     assert len(executor_ids(workers_seen(manifest))) == 2, workers_seen(manifest)
     assert shard_files(manifest) == in_process_tars(server, tmp_path, "t", shards=6, path=SLOW)
+
+
+def test_a_task_uses_as_many_cpu_threads_as_it_holds_cores(spark: SparkSession) -> None:
+    # Two executors of one core each: a task holds one core (spark.task.cpus), so its CPU pool has
+    # one thread, not one per core of the machine; a number given in the settings is kept.
+    def threads(given: int) -> list[int]:
+        settings = Workers(cpu_threads=given)
+        rdd = spark.sparkContext.parallelize([settings, settings], 2)
+        return rdd.map(lambda w: task_workers(w).cpu_threads).collect()
+
+    assert threads(0) == [1, 1]
+    assert threads(3) == [3, 3]
 
 
 def test_local_paths_are_refused_on_a_cluster(

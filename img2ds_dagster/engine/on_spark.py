@@ -9,6 +9,7 @@ Importing this module imports pyspark.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -16,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
-from pyspark import SparkContext
+from pyspark import SparkContext, TaskContext
 from pyspark.sql import SparkSession
 
 from ..errors import ShardError
@@ -101,7 +102,18 @@ def _first_line(err: BaseException) -> str:
 
 def _build(payload: tuple[str, ShardJob, Workers]) -> ShardResult | ShardError:
     staging_root, job, workers = payload
-    return build_on_worker(staging_root, job, workers, f"spark {_executor()}")
+    return build_on_worker(staging_root, job, task_workers(workers), f"spark {_executor()}")
+
+
+def task_workers(workers: Workers) -> Workers:
+    """The settings a task builds its shard with: with ``cpu_threads`` at 0 ("one per core"), as
+    many CPU threads as the task holds cores (``spark.task.cpus``, 1 by default), since an executor
+    runs as many tasks at once as it has cores, each in a Python worker of its own: one thread per
+    core in each would be cores x cores threads (4 on 2 cores, 256 on 16). Runs on an executor."""
+    if workers.cpu_threads:
+        return workers
+    context = TaskContext.get()
+    return dataclasses.replace(workers, cpu_threads=context.cpus() if context is not None else 1)
 
 
 def _executor() -> str:

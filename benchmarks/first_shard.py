@@ -21,8 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the throwaway PostgreSQL the tests us
 
 from realservers import postgres_server  # noqa: E402
 
+from benchmarks.inbox_latency import project_daemon  # noqa: E402
 from img2ds_dagster.defs.jobs import build_shards  # noqa: E402
 
 TABLE = "big"
@@ -161,37 +160,11 @@ def main() -> int:
         url = stack.enter_context(postgres_server()).url if args.postgres else None
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="img2ds-first-shard-"))
         work = Path(tmp)
-        home = work / "home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text(instance_yaml(url))
-        (work / "inbox").mkdir()
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            "IMG2DS_DAGSTER_STORAGE": str(work / "storage"),
-            "IMG2DS_INBOX": str(work / "inbox"),
-            "IMG2DS_STAGING": str(work / "staging"),
-            "IMG2DS_DATASETS": str(work / "datasets"),
+        stack.enter_context(project_daemon(work, instance_yaml(url)))
+        report = {
+            "storage": "postgres" if args.postgres else "sqlite",
+            **measure(work, args.rows, args.rows_per_shard, args.timeout),
         }
-        os.environ.update({k: env[k] for k in ("DAGSTER_HOME", "IMG2DS_DAGSTER_STORAGE")})
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # its runs' processes with it, to be stopped together
-        )
-        try:
-            time.sleep(10)  # the daemon loads the code location and takes its first ticks
-            report = {
-                "storage": "postgres" if args.postgres else "sqlite",
-                **measure(work, args.rows, args.rows_per_shard, args.timeout),
-            }
-        finally:
-            # The daemon and the run processes it launched (they do not stop with it).
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait(60)
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

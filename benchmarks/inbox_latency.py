@@ -11,14 +11,17 @@ and every shard materialized.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,41 @@ def one_round(work: Path, base_url: str, table: str) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def project_daemon(work: Path, dagster_yaml: str) -> Iterator[None]:
+    """``dagster-daemon run`` on the project's code location, as ``make dev`` starts it, over a fresh
+    instance in ``work/home`` with this dagster.yaml, its inbox, staging and datasets under ``work``
+    (this process's DAGSTER_HOME set to the same instance). Stopped on exit with the run processes
+    it launched, which do not stop with it."""
+    home = work / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(dagster_yaml)
+    (work / "inbox").mkdir()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "IMG2DS_DAGSTER_STORAGE": str(work / "storage"),
+        "IMG2DS_INBOX": str(work / "inbox"),
+        "IMG2DS_STAGING": str(work / "staging"),
+        "IMG2DS_DATASETS": str(work / "datasets"),
+    }
+    os.environ.update({k: env[k] for k in ("DAGSTER_HOME", "IMG2DS_DAGSTER_STORAGE")})
+    daemon = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its runs' processes in its group, to be stopped together
+    )
+    try:
+        time.sleep(10)  # the daemon loads the code location and takes its first ticks
+        yield
+    finally:
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(60)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,32 +120,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="img2ds-inbox-latency-") as tmp, serve_samples() as base_url:
         work = Path(tmp)
-        home = work / "home"
-        home.mkdir()
-        shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
-        (work / "inbox").mkdir()
-        env = {
-            **os.environ,
-            "DAGSTER_HOME": str(home),
-            "IMG2DS_DAGSTER_STORAGE": str(work / "storage"),
-            "IMG2DS_INBOX": str(work / "inbox"),
-            "IMG2DS_STAGING": str(work / "staging"),
-            "IMG2DS_DATASETS": str(work / "datasets"),
-        }
-        os.environ.update({k: env[k] for k in ("DAGSTER_HOME", "IMG2DS_DAGSTER_STORAGE")})
-        daemon = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            time.sleep(10)  # the daemon loads the code location and takes its first ticks
+        with project_daemon(work, (ROOT / "dagster.yaml").read_text()):
             rounds = [one_round(work, base_url, f"drop{i}") for i in range(args.rounds)]
-        finally:
-            daemon.terminate()
-            daemon.wait(60)
     for r in rounds:
         print(r)
     report = {

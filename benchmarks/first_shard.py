@@ -110,9 +110,8 @@ def measure(work: Path, rows: int, rows_per_shard: int, timeout: float) -> dict[
             return records[0].timestamp if records else None
 
         staged_at = wait_for("the staging", staged, deadline)
-        queued = wait_for("a shard run", lambda: shard_runs(instance), deadline)[
-            0
-        ].create_timestamp.timestamp()
+        first_run = wait_for("a shard run", lambda: shard_runs(instance), deadline)[0]
+        queued = first_run.create_timestamp.timestamp()
         run_ids = lambda: [r.dagster_run.run_id for r in shard_runs(instance)[:4]]  # noqa: E731
         run_start = wait_for(
             "a shard run's start",

@@ -5,10 +5,14 @@ and ``"pyspark"`` (``spark_master="local[2]"``), each in a fresh process.
 A 2-core machine cannot show a cluster's speed-up; what it shows is the overhead: the start-up
 (until the first shard starts: the engine's start, Ray's or Spark's included), the shard phase
 (first shard start to last shard end, from the stats files), and the CPU per image. CPU is counted
-for the whole machine (/proc/stat, busy time) minus nginx's, since Ray's and Spark's workers are
-not children that the run waits for: over the whole call, and over the shard phase alone (sampled
-every 0.1 s), which leaves out the cluster's start and stop, paid once by a cluster that outlives
-its calls.
+for the whole machine (/proc/stat, busy time) minus nginx's and the benchmark's own, since Ray's and
+Spark's workers are not children that the run waits for: over the whole call, and over the shard
+phase alone (sampled every 0.1 s), which leaves out the cluster's start and stop, paid once by a
+cluster that outlives its calls. The shard phase's CPU is also split by kind of process (sampled
+every 0.5 s): the processes that build the shards (the download() process itself in-process, Ray's
+task workers, PySpark's Python workers), the engine's own (Ray's GCS, raylet, agents and monitors;
+Spark's JVMs) and the download() process as the driver. On a real cluster the first two are spread
+over its nodes and the driver is one process: which of them grows is what the split tells.
 
     .venv/bin/python -m benchmarks.distributors --count 10000 --json benchmarks/results/distributors_10k.json
 """
@@ -71,7 +75,10 @@ class BusyTimeline:
         self._stop = threading.Event()
 
     def _sample(self) -> None:
-        self.points.append((time.time(), machine_busy_seconds() - _cpu_seconds(self.nginx_pids)))
+        # This process's own CPU (its samplers: reading every process's /proc files costs more when
+        # Ray's or Spark's processes are there) is the measurer's, not the run's.
+        others = _cpu_seconds(self.nginx_pids) + time.process_time()
+        self.points.append((time.time(), machine_busy_seconds() - others))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -100,6 +107,88 @@ class BusyTimeline:
 
     def between(self, start: float, end: float) -> float:
         return self.at(end) - self.at(start)
+
+
+# What a process is, from its command line: the processes that build shards (the download() process
+# itself when in-process; Ray's task workers; PySpark's Python workers), the engine's own (Ray's
+# GCS, raylet, agents and monitors; Spark's JVMs) and the download() process when it only drives.
+def process_kind(cmdline: str) -> str:
+    # A Ray worker is started as default_worker.py, then names itself ray::IDLE or ray::<task>.
+    if (cmdline.startswith("ray::") and "Agent" not in cmdline) or "workers/default_worker.py" in cmdline:
+        return "ray workers"
+    if "pyspark.daemon" in cmdline or "pyspark/daemon.py" in cmdline or "pyspark.worker" in cmdline:
+        return "spark python workers"
+    if "benchmarks.tools" in cmdline:
+        return "download() process"
+    if "benchmarks.distributors" in cmdline:
+        return "this benchmark"
+    if "/ray/" in cmdline or cmdline.startswith("ray::"):
+        return "ray daemons"
+    if "java" in cmdline.split(" ", 1)[0]:
+        return "spark jvms"
+    if cmdline.startswith("nginx"):
+        return "nginx"
+    return "other"
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every live process's kind (``process_kind``) and CPU seconds (user + system)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry.name)] = (process_kind(cmdline.strip()), (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+class KindTimeline:
+    """The CPU seconds of each kind of process (``process_kind``) every ``interval`` seconds (reading
+    every process's /proc files costs a few ms, so less often than BusyTimeline), for the CPU each
+    kind spent in the shard phase. A process that has ended counts with its CPU when last seen."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.points: list[tuple[float, dict[str, float]]] = []
+        self._seen: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        self._seen.update(process_cpu())
+        totals: dict[str, float] = {}
+        for kind, seconds in self._seen.values():
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        self.points.append((time.time(), totals))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @contextmanager
+    def running(self) -> Iterator[KindTimeline]:
+        self._sample()
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join()
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per kind from the last sample before ``start`` to the first after ``end``,
+        scaled to the phase's length."""
+        before = max((p for p in self.points if p[0] <= start), default=self.points[0], key=lambda p: p[0])
+        after = min((p for p in self.points if p[0] >= end), default=self.points[-1], key=lambda p: p[0])
+        share = (end - start) / max(1e-9, after[0] - before[0])
+        return {
+            kind: round(share * (seconds - before[1].get(kind, 0.0)), 3) for kind, seconds in after[1].items()
+        }
 
 
 def shard_phase(out: Path) -> tuple[float, float, int]:
@@ -148,7 +237,7 @@ def main() -> int:
                     "output_folder": str(out),
                 }
                 started = time.time()
-                with BusyTimeline(nginx.pid).running() as timeline:
+                with BusyTimeline(nginx.pid).running() as timeline, KindTimeline().running() as kinds:
                     measured = run_measured(
                         command("download", options, Path()), env=dict(os.environ), cwd=ROOT.parent
                     )
@@ -169,19 +258,31 @@ def main() -> int:
                     "shard_phase_images_per_second": successes / (last - first),
                     "cpu_ms_per_image": 1000 * busy / max(1, successes),
                     "shard_phase_cpu_ms_per_image": 1000 * timeline.between(first, last) / max(1, successes),
+                    "shard_phase_cpu_ms_per_image_by_process": {
+                        kind: round(1000 * seconds / max(1, successes), 3)
+                        for kind, seconds in kinds.between(first, last).items()
+                        if seconds > 0 and kind not in ("nginx", "this benchmark", "other")
+                    },
+                    "kind_samples_in_shard_phase": sum(first <= t <= last for t, _ in kinds.points),
                 }
                 runs.append(run)
                 print(
                     f"round {round_} {name:<16} wall {run['wall_seconds']:5.1f}s, start-up "
                     f"{run['startup_seconds']:4.1f}s, shards {run['shard_phase_seconds']:5.1f}s, "
                     f"{run['images_per_second']:5.1f} images/s, {run['cpu_ms_per_image']:.2f} CPU ms/image "
-                    f"({run['shard_phase_cpu_ms_per_image']:.2f} in the shard phase)",
+                    f"({run['shard_phase_cpu_ms_per_image']:.2f} in the shard phase: "
+                    f"{run['shard_phase_cpu_ms_per_image_by_process']})",
                     flush=True,
                 )
     summary: dict[str, Any] = {}
     for name in names:
         mine = [r for r in runs if r["distributor"] == name]
         summary[name] = {key: statistics.median(r[key] for r in mine) for key in SUMMARIZED}
+        seen = {kind for r in mine for kind in r["shard_phase_cpu_ms_per_image_by_process"]}
+        summary[name]["shard_phase_cpu_ms_per_image_by_process"] = {
+            kind: statistics.median(r["shard_phase_cpu_ms_per_image_by_process"].get(kind, 0.0) for r in mine)
+            for kind in sorted(seen)
+        }
     local = summary.get("multiprocessing")
     for name, row in summary.items():
         if local is not None and name != "multiprocessing":

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,6 +46,8 @@ DISTRIBUTORS: dict[str, dict[str, Any]] = {
     "pyspark": {"spark_master": "local[2]"},
 }
 
+
+_V = TypeVar("_V")
 
 SUMMARIZED = (
     "wall_seconds",
@@ -64,28 +66,26 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-class BusyTimeline:
-    """(time, machine busy seconds minus nginx's) every ``interval`` seconds while running, so that
-    the CPU spent between two moments known only afterwards (the shard phase) can be read off."""
+class Sampling(Generic[_V]):
+    """``(time, value)`` every ``interval`` seconds while ``running()``, from ``_value()``."""
 
-    def __init__(self, nginx_pid: int, interval: float = 0.1) -> None:
-        self.nginx_pids = _nginx_pids(nginx_pid)
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.points: list[tuple[float, float]] = []
+        self.points: list[tuple[float, _V]] = []
         self._stop = threading.Event()
 
+    def _value(self) -> _V:
+        raise NotImplementedError
+
     def _sample(self) -> None:
-        # This process's own CPU (its samplers: reading every process's /proc files costs more when
-        # Ray's or Spark's processes are there) is the measurer's, not the run's.
-        others = _cpu_seconds(self.nginx_pids) + time.process_time()
-        self.points.append((time.time(), machine_busy_seconds() - others))
+        self.points.append((time.time(), self._value()))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
     @contextmanager
-    def running(self) -> Iterator[BusyTimeline]:
+    def running(self) -> Iterator[Self]:
         self._sample()
         thread = threading.Thread(target=self._run, daemon=True)
         thread.start()
@@ -95,6 +95,20 @@ class BusyTimeline:
             self._stop.set()
             thread.join()
             self._sample()
+
+
+class BusyTimeline(Sampling[float]):
+    """The machine's busy seconds minus nginx's, every ``interval`` seconds, so that the CPU spent
+    between two moments known only afterwards (the shard phase) can be read off."""
+
+    def __init__(self, nginx_pid: int, interval: float = 0.1) -> None:
+        super().__init__(interval)
+        self.nginx_pids = _nginx_pids(nginx_pid)
+
+    def _value(self) -> float:
+        # This process's own CPU (its samplers: reading every process's /proc files costs more when
+        # Ray's or Spark's processes are there) is the measurer's, not the run's.
+        return machine_busy_seconds() - _cpu_seconds(self.nginx_pids) - time.process_time()
 
     def at(self, moment: float) -> float:
         """Busy seconds at ``moment``, interpolated between the samples around it."""
@@ -147,38 +161,21 @@ def process_cpu() -> dict[int, tuple[str, float]]:
     return found
 
 
-class KindTimeline:
+class KindTimeline(Sampling[dict[str, float]]):
     """The CPU seconds of each kind of process (``process_kind``) every ``interval`` seconds (reading
     every process's /proc files costs a few ms, so less often than BusyTimeline), for the CPU each
     kind spent in the shard phase. A process that has ended counts with its CPU when last seen."""
 
     def __init__(self, interval: float = 0.5) -> None:
-        self.interval = interval
-        self.points: list[tuple[float, dict[str, float]]] = []
+        super().__init__(interval)
         self._seen: dict[int, tuple[str, float]] = {}
-        self._stop = threading.Event()
 
-    def _sample(self) -> None:
+    def _value(self) -> dict[str, float]:
         self._seen.update(process_cpu())
         totals: dict[str, float] = {}
         for kind, seconds in self._seen.values():
             totals[kind] = totals.get(kind, 0.0) + seconds
-        self.points.append((time.time(), totals))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    @contextmanager
-    def running(self) -> Iterator[KindTimeline]:
-        self._sample()
-        thread = threading.Thread(target=self._run, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            thread.join()
+        return totals
 
     def between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds per kind from the last sample before ``start`` to the first after ``end``,

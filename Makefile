@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)
 export IMG2DS_DAGSTER_STORAGE := $(CURDIR)/data/dagster
 
-.PHONY: setup demo dev test lint clean
+.PHONY: setup demo dev test lint system-packages clean
 
 setup: $(VENV)/.installed
 
@@ -30,7 +30,11 @@ lint: setup
 	$(BIN)/ruff format --check img2ds_dagster tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# The Debian packages the tests run (PostgreSQL, Java, Chromium, nginx, apache2, squid), when missing.
+system-packages:
+	bash tests/system-packages.sh
+
+test: lint system-packages
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -9,9 +9,10 @@ exit::
     with Nginx(tmp_path) as nginx:
         urllib.request.urlopen(nginx.url("gzip/photo.jpg"))
 
-The binaries come from Debian's packages ``nginx``, ``apache2`` and ``squid``, which .ci/run installs
-(without letting their packages start the system-wide services). A missing binary raises RuntimeError
-rather than skipping: these servers are what the client tests are checked against.
+The binaries come from Debian's packages ``nginx``, ``apache2`` and ``squid``, which
+tests/system-packages.sh installs (without letting their packages start the system-wide services). A
+missing binary raises RuntimeError rather than skipping: these servers are what the client tests are
+checked against.
 
 Each server's extra paths behave as its class docstring says (each verified on this machine's
 Debian 12 packages); tests/test_realservers.py checks them on raw sockets.
@@ -155,7 +156,7 @@ class _Server:
         if found is None:
             raise RuntimeError(
                 f"{self.name} is not installed: install Debian's {self.package} package "
-                f"(apt-get install {self.package}; .ci/run installs it)"
+                f"(apt-get install {self.package}; tests/system-packages.sh installs it)"
             )
         return found
 
@@ -714,7 +715,7 @@ def _postgres_bin() -> Path:
     if not found:
         raise RuntimeError(
             f"no PostgreSQL server under {PG_ROOT}/*/bin: install Debian's postgresql package "
-            "(apt-get install -y postgresql; .ci/run does it when it is missing)"
+            "(apt-get install -y postgresql; tests/system-packages.sh does it when it is missing)"
         )
     return found[-1]
 

@@ -3,8 +3,8 @@ production profile (deploy/ecs/dagster.yaml): a table staged, then two shard run
 ``dagster asset materialize`` processes at once, both writing to the same instance.
 
 The server is a throwaway cluster (initdb + pg_ctl from Debian's ``postgresql`` package, which
-``.ci/run`` installs) on 127.0.0.1 and a free port. Without those binaries the test fails: it does
-not skip.
+``tests/system-packages.sh`` installs) on 127.0.0.1 and a free port. Without those binaries the
+test fails: it does not skip.
 """
 
 from __future__ import annotations

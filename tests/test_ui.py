@@ -101,8 +101,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM, "apt-get install chromium (.ci/run does)"
-    assert CHROMEDRIVER, "apt-get install chromium-driver (.ci/run does)"
+    assert CHROMIUM, "apt-get install chromium (tests/system-packages.sh does)"
+    assert CHROMEDRIVER, "apt-get install chromium-driver (tests/system-packages.sh does)"
     options = Options()
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
         options.add_argument(argument)

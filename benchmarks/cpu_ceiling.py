@@ -50,7 +50,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -65,6 +64,7 @@ import cv2
 import numpy as np
 
 from benchmarks.corpus import GOOD_KINDS, Entry, corpus_dir, load_corpus
+from benchmarks.measure import machine
 from img2ds_dagster.engine.images import ImageError, ImageProcessor, digest, exif_json
 from img2ds_dagster.engine.probe import probe
 from img2ds_dagster.engine.settings import ImageSettings
@@ -257,27 +257,6 @@ def stage_costs(images: Sequence[Image]) -> dict[str, float]:
 def _median_run(images: Sequence[Image], rounds: int, *args: Any) -> RunResult:
     results = sorted((run(images, *args) for _ in range(rounds)), key=lambda r: r.wall_s)
     return results[len(results) // 2]
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    build = cv2.getBuildInformation()
-    jpeg = next((line.split(":", 1)[1].strip() for line in build.splitlines() if "JPEG:" in line), "")
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "opencv": cv2.__version__,
-        "jpeg_codec": jpeg,
-        "numpy": np.__version__,
-    }
 
 
 def _print_run(r: RunResult) -> None:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpus import corpus_dir, load_corpus, url_rows
-from benchmarks.measure import run_measured
+from benchmarks.measure import machine, run_measured
 from benchmarks.polite import COMMON
 from benchmarks.server import _cpu_seconds, _nginx_pids, _serve
 from benchmarks.side_by_side import ROOT, SETTLE_SECONDS, command, outcome
@@ -297,7 +297,10 @@ def main() -> int:
         print(name, json.dumps(row))
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"count": args.count, "runs": runs, "summary": summary}, indent=2) + "\n"
+            json.dumps(
+                {"machine": machine(), "count": args.count, "runs": runs, "summary": summary}, indent=2
+            )
+            + "\n"
         )
     return 0
 

@@ -23,6 +23,7 @@ Dagster-path runs before this rule were probably this.
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import subprocess
 import threading
@@ -30,6 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -133,3 +135,29 @@ def run_measured(
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return Measurement(wall, cpu, peak_rss, peak_pss, process.returncode, "".join(output)[-4000:])
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: the CPU model (these VMs change from one session to the
+    next), the cores, and the versions of what does the image work."""
+    import cv2  # only here: the rest of this module is for processes that may not have it
+    import numpy as np
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    build = cv2.getBuildInformation()
+    jpeg = next((line.split(":", 1)[1].strip() for line in build.splitlines() if "JPEG:" in line), "")
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "opencv": cv2.__version__,
+        "jpeg_codec": jpeg,
+        "numpy": np.__version__,
+    }

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.corpus import corpus_dir, load_corpus, url_rows
-from benchmarks.measure import run_measured
+from benchmarks.measure import machine, run_measured
 from benchmarks.server import _answers, _stop, ensure_nginx, free_port, launch, root_user
 from benchmarks.side_by_side import ROOT, SETTLE_SECONDS, command, ensure_img2dataset, outcome
 
@@ -345,6 +345,7 @@ def main() -> int:
         print(name, json.dumps(row))
     if args.json:
         result = {
+            "machine": machine(),
             "hosts": args.hosts,
             "count": args.count,
             "top_host_share": max(shares.values()) / args.count,

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .corpus import load_corpus, write_url_list
-from .measure import Measurement, run_measured
+from .measure import Measurement, machine, run_measured
 from .server import serve_corpus
 from .tools import IMG2DATASET_SCRIPT
 
@@ -298,7 +298,15 @@ def main() -> int:
     print("\n" + report)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"runs": [asdict(r) for r in runs], "summary": summary, "agreement": check}, indent=2)
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "runs": [asdict(r) for r in runs],
+                    "summary": summary,
+                    "agreement": check,
+                },
+                indent=2,
+            )
         )
     return 0
 

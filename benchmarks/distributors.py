@@ -47,8 +47,6 @@ DISTRIBUTORS: dict[str, dict[str, Any]] = {
 }
 
 
-_V = TypeVar("_V")
-
 SUMMARIZED = (
     "wall_seconds",
     "startup_seconds",
@@ -64,6 +62,9 @@ def machine_busy_seconds() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     idle = fields[3] + fields[4]
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+_V = TypeVar("_V")
 
 
 class Sampling(Generic[_V]):

@@ -138,8 +138,8 @@ def run_measured(
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on: the CPU model (these VMs change from one session to the
-    next), the cores, and the versions of what does the image work."""
+    """What the figures were measured on: the CPU model (the machine can differ from one session to
+    the next), the cores, and the versions of what does the image work."""
     import cv2  # only here: the rest of this module is for processes that may not have it
     import numpy as np
 
